@@ -1,0 +1,5 @@
+"""Operators of Mask R-CNN, in plain PyTorch (torchvision-compatible names and signatures)."""
+
+from maskrcnn.ops.roi_align import RoIAlign, RoIPool, RoIWarp, roi_align, roi_pool, roi_warp
+
+__all__ = ["RoIAlign", "RoIPool", "RoIWarp", "roi_align", "roi_pool", "roi_warp"]

@@ -1,0 +1,466 @@
+"""RoI feature extraction: RoIAlign (the paper's operator), and RoIPool / RoIWarp for its ablations.
+
+Conventions
+-----------
+- ``input`` is a feature map ``[N, C, H, W]``; ``boxes`` is a ``Tensor[K, 5]`` of rows
+  ``(batch_index, x1, y1, x2, y2)`` or a list of ``Tensor[L_i, 4]`` (one per image), in the image's
+  absolute pixel coordinates; ``spatial_scale`` maps them to the feature map (1 / stride).
+- Outputs are ``[K, C, oh, ow]`` (``output_size = (oh, ow)``), laid out channels-last in memory (the
+  natural layout of the computation; every torch op accepts it, call ``.contiguous()`` if you need NCHW).
+- Gradients flow to ``input`` only; box coordinates are treated as constants (as in torchvision).
+
+RoIAlign ``aligned`` semantics
+------------------------------
+A feature cell ``(i, j)`` holds the value at continuous coordinate ``(i, j)``. With ``aligned=False``
+(legacy, torchvision's Mask R-CNN) the box is scaled as is and its size is clamped to at least one
+cell; with ``aligned=True`` (detectron2's ROIAlignV2) the scaled box is shifted by -0.5 so that pixel
+centres line up with cell centres, and degenerate boxes are not enlarged. Each output bin averages
+(or takes the max of) ``sampling_ratio x sampling_ratio`` bilinearly interpolated samples placed at
+the centres of a regular sub-grid of the bin; ``sampling_ratio <= 0`` uses ``ceil(roi size / output
+size)`` samples per bin along each axis, per RoI. Samples more than one cell outside the map read 0;
+others are clamped to the border. These are torchvision's numbers, to the last few bits.
+
+Implementation
+--------------
+Bilinear weights are separable and so are the validity tests, so a bin is ``sum_y sum_x wy[y] wx[x]
+F[y, x]`` with per-row and per-column weight lists. We build, for every bin, the (cell, weight) pairs
+with nonzero weight (at most ``(2s)^2``, fewer once coinciding rows/columns are merged) and apply them
+with ``embedding_bag`` (a bag-sum), on the ``[N*H*W, C]`` channels-last view of the features. Memory
+stays at the size of the output plus the pairs; backward is ``embedding_bag``'s own scatter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["roi_align", "roi_pool", "roi_warp", "RoIAlign", "RoIPool", "RoIWarp", "boxes_to_rois"]
+
+
+def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        return output_size, output_size
+    oh, ow = output_size
+    return int(oh), int(ow)
+
+
+def boxes_to_rois(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """``[K, 5]`` rois (batch_index, x1, y1, x2, y2) from a ``[K, 5]`` tensor or a list of ``[L_i, 4]``."""
+    if isinstance(boxes, (list, tuple)):
+        for b in boxes:
+            if b.dim() != 2 or b.shape[1] != 4:
+                raise ValueError(f"each element of the boxes list must be [L, 4], got {tuple(b.shape)}")
+        if len(boxes) == 0:
+            return torch.zeros(0, 5)
+        cat = torch.cat(list(boxes), dim=0)
+        idx = torch.cat([torch.full((len(b), 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)])
+        return torch.cat([idx, cat], dim=1)
+    if boxes.dim() != 2 or boxes.shape[1] != 5:
+        raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {tuple(boxes.shape)}")
+    return boxes
+
+
+def _prepare(input: Tensor, boxes) -> tuple[Tensor, Tensor, torch.dtype]:
+    """Check shapes; return (input in compute dtype, rois in compute dtype, dtype to return)."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W], got {tuple(input.shape)}")
+    out_dtype = input.dtype
+    if input.dtype in (torch.float16, torch.bfloat16):  # as torchvision under autocast: compute in fp32
+        input = input.float()
+    rois = boxes_to_rois(boxes).detach().to(device=input.device, dtype=input.dtype)
+    return input, rois, out_dtype
+
+
+def _channels_last_rows(input: Tensor) -> Tensor:
+    """``[N*H*W, C]`` view (or copy) of an ``[N, C, H, W]`` map: row ``(n*H + y)*W + x`` holds one cell."""
+    n, c, h, w = input.shape
+    return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: int):
+    """Bilinear sample taps along one axis.
+
+    start, length, grid: ``[K]`` (grid = samples per bin, per RoI). Returns, for ``[K, bins, G]`` samples
+    (``G = max grid``): ``lo, hi`` cell indices (int64) and ``w_lo, w_hi`` weights, zero for samples that
+    are past the RoI's grid or more than one cell outside ``[0, size]``.
+    """
+    g_max = max(int(grid.max().item()) if grid.numel() else 0, 1)
+    dtype = start.dtype
+    b = torch.arange(bins, device=start.device, dtype=dtype).view(1, bins, 1)
+    i = torch.arange(g_max, device=start.device, dtype=dtype).view(1, 1, g_max)
+    bin_size = (length / bins).view(-1, 1, 1)
+    gridf = grid.to(dtype).clamp(min=1).view(-1, 1, 1)
+    # same operation order as torchvision's kernel: start + p * bin + (i + .5) * bin / grid
+    pos = start.view(-1, 1, 1) + b * bin_size + (i + 0.5) * bin_size / gridf
+    valid = (pos >= -1.0) & (pos <= size) & (i < grid.view(-1, 1, 1))
+    pos = pos.clamp(min=0)
+    lo = pos.floor().long()  # pos >= 0 so floor == truncation
+    at_edge = lo >= size - 1
+    lo = torch.where(at_edge, torch.full_like(lo, size - 1), lo)
+    hi = torch.where(at_edge, lo, lo + 1)
+    frac = torch.where(at_edge, torch.zeros_like(pos), pos - lo.to(dtype))
+    zero = torch.zeros_like(frac)
+    w_lo = torch.where(valid, 1.0 - frac, zero)
+    w_hi = torch.where(valid, frac, zero)
+    lo = torch.where(valid, lo, torch.zeros_like(lo))
+    hi = torch.where(valid, hi, torch.zeros_like(hi))
+    return lo, hi, w_lo, w_hi
+
+
+def _merge_taps(lo: Tensor, hi: Tensor, w_lo: Tensor, w_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-bin weight lists ``[K, bins, R]`` (index, weight) summing all samples of a bin along one axis.
+
+    Consecutive samples mostly share cells, so the taps are merged into a window of rows starting at the
+    first tapped cell when that window is short; otherwise the raw taps are kept (duplicates are fine:
+    the bag-sum adds them).
+    """
+    k, bins, g = lo.shape
+    taps_idx = torch.cat([lo, hi], dim=2)
+    taps_w = torch.cat([w_lo, w_hi], dim=2)
+    if taps_idx.numel() == 0:
+        return taps_idx, taps_w
+    big = torch.iinfo(torch.int64).max
+    used = taps_w != 0
+    first = torch.where(used, taps_idx, torch.full_like(taps_idx, big)).amin(dim=2, keepdim=True)
+    last = torch.where(used, taps_idx, torch.full_like(taps_idx, -1)).amax(dim=2, keepdim=True)
+    first = torch.where(first == big, torch.zeros_like(first), first)
+    span = int((last - first + 1).clamp(min=1).max().item())
+    if span >= 2 * g:
+        return taps_idx, taps_w
+    rel = (taps_idx - first).clamp(0, span - 1)
+    merged_w = torch.zeros(k, bins, span, dtype=taps_w.dtype, device=taps_w.device)
+    merged_w.scatter_add_(2, rel, taps_w)
+    merged_idx = first + torch.arange(span, device=lo.device)
+    return merged_idx, merged_w
+
+
+def _roi_geometry(rois: Tensor, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool):
+    """Per-RoI start, size and samples-per-bin along y and x, in the input dtype (as torchvision)."""
+    oh, ow = output_size
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    rw = rois[:, 3] * spatial_scale - offset - x1
+    rh = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        rw = rw.clamp(min=1.0)
+        rh = rh.clamp(min=1.0)
+    if sampling_ratio > 0:
+        gy = torch.full_like(rh, sampling_ratio, dtype=torch.int64)
+        gx = torch.full_like(rw, sampling_ratio, dtype=torch.int64)
+    else:
+        gy = torch.ceil(rh / oh).long().clamp(min=0)
+        gx = torch.ceil(rw / ow).long().clamp(min=0)
+    return y1, rh, gy, x1, rw, gx
+
+
+def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height, width):
+    """(cell index, weight, offsets) of the sparse bin <- cell map, bins ordered (k, oh, ow)."""
+    oh, ow = output_size
+    y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    ry, wy = _merge_taps(*_axis_samples(y1, rh, oh, gy, height))
+    rx, wx = _merge_taps(*_axis_samples(x1, rw, ow, gx, width))
+    count = (gy * gx).clamp(min=1).to(wy.dtype).view(-1, 1, 1, 1, 1)
+    base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
+    # [K, oh, ow, Ry, Rx]
+    index = base + ry[:, :, None, :, None] * width + rx[:, None, :, None, :]
+    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count
+    k = rois.shape[0]
+    weight = weight.reshape(k * oh * ow, -1)
+    index = index.expand(k, oh, ow, ry.shape[-1], rx.shape[-1]).reshape(k * oh * ow, -1)
+    keep = weight != 0
+    per_bin = keep.sum(dim=1)
+    offsets = torch.zeros_like(per_bin)
+    offsets[1:] = per_bin.cumsum(0)[:-1]
+    return index[keep], weight[keep], offsets
+
+
+def _sample_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height, width):
+    """Per-sample 4-tap (cell, weight) bags for max aggregation; bags ordered (k, oh, ow, gy, gx)."""
+    oh, ow = output_size
+    y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
+    ylo, yhi, wylo, wyhi = _axis_samples(y1, rh, oh, gy, height)  # [K, oh, Gy]
+    xlo, xhi, wxlo, wxhi = _axis_samples(x1, rw, ow, gx, width)  # [K, ow, Gx]
+    ys = torch.stack([ylo, ylo, yhi, yhi], dim=-1)[:, :, None, :, None, :]  # [K, oh, 1, Gy, 1, 4]
+    xs = torch.stack([xlo, xhi, xlo, xhi], dim=-1)[:, None, :, None, :, :]  # [K, 1, ow, 1, Gx, 4]
+    wys = torch.stack([wylo, wylo, wyhi, wyhi], dim=-1)[:, :, None, :, None, :]
+    wxs = torch.stack([wxlo, wxhi, wxlo, wxhi], dim=-1)[:, None, :, None, :, :]
+    base = rois[:, 0].long().view(-1, 1, 1, 1, 1, 1) * (height * width)
+    index = base + ys * width + xs  # [K, oh, ow, Gy, Gx, 4]
+    weight = wys * wxs
+    iy = torch.arange(ylo.shape[-1], device=rois.device).view(1, 1, 1, -1, 1)
+    ix = torch.arange(xlo.shape[-1], device=rois.device).view(1, 1, 1, 1, -1)
+    in_grid = (iy < gy.view(-1, 1, 1, 1, 1)) & (ix < gx.view(-1, 1, 1, 1, 1))  # [K, 1, 1, Gy, Gx]
+    return index.reshape(-1), weight.reshape(-1), in_grid
+
+
+class _BagSum(torch.autograd.Function):
+    """``out[b] = sum_j weight[j] * cell(index[j])`` over the pairs ``j`` of bag ``b`` (bags given by offsets).
+
+    ``input`` is ``[N, C, H, W]``; cell ``(n*H + y)*W + x`` is the channel vector ``input[n, :, y, x]``.
+    Forward is ``embedding_bag`` on the channels-last rows (a free view for channels-last input);
+    backward groups the pairs by cell (one sort) and bag-sums the output gradient into each touched cell,
+    so no ``pairs x C`` tensor and no atomics are needed. The input gradient has the input's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, index: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+        out = F.embedding_bag(index, _channels_last_rows(input), offsets, mode="sum", per_sample_weights=weight)
+        ctx.save_for_backward(index, weight, offsets)
+        ctx.input_shape = input.shape
+        ctx.channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        index, weight, offsets = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        grad_out = grad_out.contiguous()
+        if ctx.channels_last:
+            grad = grad_out.new_zeros((n, h, w, c)).permute(0, 3, 1, 2)
+        else:
+            grad = grad_out.new_zeros((n, c, h, w))
+        if index.numel() == 0:
+            return grad, None, None, None
+        num_bags = grad_out.shape[0]
+        sizes = torch.diff(offsets, append=offsets.new_tensor([index.numel()]))
+        bag = torch.repeat_interleave(torch.arange(num_bags, device=index.device), sizes)
+        key = index.int() if n * h * w < 2**31 else index  # int32 sorts about twice as fast
+        cells, order = torch.sort(key, stable=True)
+        unique, counts = torch.unique_consecutive(cells, return_counts=True)
+        cell_offsets = torch.zeros_like(counts, dtype=torch.int64)
+        cell_offsets[1:] = counts.cumsum(0)[:-1]
+        summed = F.embedding_bag(bag[order], grad_out, cell_offsets, mode="sum", per_sample_weights=weight[order])
+        unique = unique.long()
+        if ctx.channels_last:
+            grad.permute(0, 2, 3, 1).reshape(n * h * w, c).index_copy_(0, unique, summed)
+        else:  # write the [U, C] rows straight into the NCHW gradient, image by image
+            starts = torch.arange(n + 1, device=unique.device) * (h * w)
+            bounds = torch.searchsorted(unique, starts).tolist()
+            for b in range(n):
+                lo, hi = bounds[b], bounds[b + 1]
+                if hi > lo:
+                    grad[b].view(c, h * w).index_copy_(1, unique[lo:hi] - b * h * w, summed[lo:hi].t())
+        return grad, None, None, None
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    mode: str = "avg",
+) -> Tensor:
+    """RoIAlign (see the module docstring for conventions and the ``aligned`` semantics).
+
+    Args:
+        input: ``[N, C, H, W]`` features (float32/64; float16/bfloat16 are computed in float32).
+        boxes: ``Tensor[K, 5]`` (batch_index, x1, y1, x2, y2) or a list of ``Tensor[L_i, 4]``.
+        output_size: ``oh`` or ``(oh, ow)``.
+        spatial_scale: feature-map cells per input pixel (1 / stride).
+        sampling_ratio: samples per bin along each axis; ``<= 0``: adaptive, ``ceil(roi size / output size)``.
+        aligned: shift boxes by -0.5 cell (pixel-centre alignment); see the module docstring.
+        mode: ``"avg"`` (the paper's default, torchvision's numbers) or ``"max"`` over the samples
+            (samples outside the map count as 0; a bin with no samples is 0).
+    Returns:
+        ``[K, C, oh, ow]`` in the input's dtype (channels-last memory layout).
+    """
+    if mode not in ("avg", "max"):
+        raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
+    output_size = _pair(output_size)
+    x, rois, out_dtype = _prepare(input, boxes)
+    n, c, h, w = x.shape
+    k = rois.shape[0]
+    oh, ow = output_size
+    if k == 0 or h == 0 or w == 0:
+        return (x.sum() * 0 + x.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
+    with torch.no_grad():
+        if mode == "avg":
+            index, weight, offsets = _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, h, w)
+        else:
+            index, weight, in_grid = _sample_pairs(
+                rois, output_size, spatial_scale, sampling_ratio, aligned, h, w
+            )
+            offsets = torch.arange(0, index.numel(), 4, device=index.device)
+    out = _BagSum.apply(x, index, weight, offsets)
+    if mode == "max":
+        gy, gx = in_grid.shape[-2:]
+        samples = out.view(k, oh, ow, gy * gx, c)
+        missing = ~in_grid.reshape(k, 1, 1, gy * gx, 1)
+        samples = samples.masked_fill(missing, -math.inf)
+        out = samples.max(dim=3).values
+        out = out.masked_fill(missing.all(dim=3), 0.0)
+    return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's ``round``: halves away from zero (``torch.round`` rounds halves to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+class _RoIPoolFunction(torch.autograd.Function):
+    """Max over integer cell ranges; backward routes each gradient to its argmax cell."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, index: Tensor, inside: Tensor, num_cells: int):
+        # feats [N*H*W, C]; index/inside [B, S] (cells of each bin, S = padded bin area)
+        b, s = index.shape
+        c = feats.shape[1]
+        out = feats.new_zeros(b, c)
+        arg = torch.full((b, c), -1, dtype=torch.int64, device=feats.device)
+        chunk = max(1, (1 << 24) // max(1, s * c))  # bound the gathered block to ~16M values
+        for start in range(0, b, chunk):
+            idx = index[start : start + chunk]
+            vals = feats[idx.reshape(-1)].view(idx.shape[0], s, c)
+            vals = vals.masked_fill(~inside[start : start + chunk, :, None], -math.inf)
+            best, pos = vals.max(dim=1)
+            empty = ~inside[start : start + chunk].any(dim=1, keepdim=True)
+            out[start : start + chunk] = best.masked_fill(empty, 0.0)
+            cell = torch.gather(idx, 1, pos)
+            arg[start : start + chunk] = cell.masked_fill(empty, -1)
+        ctx.save_for_backward(arg)
+        ctx.num_cells = num_cells
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (arg,) = ctx.saved_tensors
+        c = grad_out.shape[1]
+        grad = grad_out.new_zeros(ctx.num_cells * c)
+        valid = arg >= 0
+        channel = torch.arange(c, device=arg.device).expand_as(arg)
+        flat = (arg * c + channel)[valid]
+        grad.index_add_(0, flat, grad_out[valid])
+        return grad.view(ctx.num_cells, c), None, None, None
+
+
+def roi_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+) -> Tensor:
+    """RoIPool (Fast R-CNN): quantized RoI and bins, max pooling. torchvision's numbers.
+
+    The RoI corners are rounded to cells (``round(x * spatial_scale)``, halves away from zero) and the
+    end cell is inclusive; bin ``p`` covers cells ``[floor(p * s), ceil((p + 1) * s))`` with ``s = roi
+    cells / output size``, clipped to the map. Empty bins are 0. Returns ``[K, C, oh, ow]``.
+    """
+    oh, ow = _pair(output_size)
+    x, rois, out_dtype = _prepare(input, boxes)
+    n, c, h, w = x.shape
+    k = rois.shape[0]
+    feats = _channels_last_rows(x)
+    if k == 0:
+        return (feats.sum() * 0 + feats.new_zeros(0, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
+    with torch.no_grad():
+        x1 = _round_half_away(rois[:, 1] * spatial_scale)
+        y1 = _round_half_away(rois[:, 2] * spatial_scale)
+        x2 = _round_half_away(rois[:, 3] * spatial_scale)
+        y2 = _round_half_away(rois[:, 4] * spatial_scale)
+        rw = (x2 - x1 + 1).clamp(min=1)
+        rh = (y2 - y1 + 1).clamp(min=1)
+
+        def ranges(start, length, bins, size):
+            p = torch.arange(bins, device=x.device, dtype=x.dtype).view(1, -1)
+            bin_size = (length / bins).view(-1, 1)
+            lo = torch.floor(p * bin_size) + start.view(-1, 1)
+            hi = torch.ceil((p + 1) * bin_size) + start.view(-1, 1)
+            return lo.clamp(0, size).long(), hi.clamp(0, size).long()  # [K, bins]
+
+        ylo, yhi = ranges(y1, rh, oh, h)
+        xlo, xhi = ranges(x1, rw, ow, w)
+        sy = max(int((yhi - ylo).max().item()), 1)
+        sx = max(int((xhi - xlo).max().item()), 1)
+        ys = ylo[:, :, None] + torch.arange(sy, device=x.device)  # [K, oh, sy]
+        xs = xlo[:, :, None] + torch.arange(sx, device=x.device)  # [K, ow, sx]
+        inside = (ys < yhi[:, :, None])[:, :, None, :, None] & (xs < xhi[:, :, None])[:, None, :, None, :]
+        base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (h * w)
+        index = base + ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
+        index = index.reshape(k * oh * ow, sy * sx)
+        inside = inside.reshape(k * oh * ow, sy * sx)
+    out = _RoIPoolFunction.apply(feats, index, inside, n * h * w)
+    return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
+
+
+def roi_warp(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 2,
+    *,
+    mode: str = "max",
+) -> Tensor:
+    """RoIWarp (the paper's Table 2c): the RoI is quantized to cells as in RoIPool, then sampled bilinearly.
+
+    The RoI corners are rounded to the feature grid (``round(x * spatial_scale)``, halves away from zero);
+    the bins are not quantized: the quantized RoI goes through :func:`roi_align` (``aligned=False``) with
+    ``sampling_ratio`` samples per bin and ``mode`` (``"max"`` or ``"avg"``) aggregation.
+    Returns ``[K, C, oh, ow]``.
+    """
+    x, rois, out_dtype = _prepare(input, boxes)
+    quantized = torch.cat([rois[:, :1], _round_half_away(rois[:, 1:] * spatial_scale)], dim=1)
+    out = roi_align(x, quantized, output_size, 1.0, sampling_ratio, False, mode=mode)
+    return out.to(out_dtype)
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align` (keyword-only configuration)."""
+
+    def __init__(self, *, output_size, spatial_scale: float, sampling_ratio: int = -1, aligned: bool = False,
+                 mode: str = "avg"):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.mode = mode
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, mode={self.mode}")
+
+
+class RoIPool(nn.Module):
+    """Module form of :func:`roi_pool`."""
+
+    def __init__(self, *, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+class RoIWarp(nn.Module):
+    """Module form of :func:`roi_warp`."""
+
+    def __init__(self, *, output_size, spatial_scale: float, sampling_ratio: int = 2, mode: str = "max"):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.mode = mode
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_warp(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, mode={self.mode}")

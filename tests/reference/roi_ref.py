@@ -1,0 +1,97 @@
+"""Naive loop RoIAlign / RoIPool written from their definitions (float64 numpy, one sample at a time).
+
+Used only by the tests, as an independent reference: no vectorisation, no sparse tricks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _bilinear(feat: np.ndarray, y: float, x: float) -> np.ndarray:
+    """Value of ``feat[C, H, W]`` at continuous ``(y, x)``: 0 more than one cell outside, border-clamped."""
+    _, h, w = feat.shape
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return np.zeros(feat.shape[0])
+    y = max(y, 0.0)
+    x = max(x, 0.0)
+    y0 = int(math.floor(y))
+    x0 = int(math.floor(x))
+    if y0 >= h - 1:
+        y0 = y1 = h - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= w - 1:
+        x0 = x1 = w - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    return (
+        (1 - ly) * (1 - lx) * feat[:, y0, x0]
+        + (1 - ly) * lx * feat[:, y0, x1]
+        + ly * (1 - lx) * feat[:, y1, x0]
+        + ly * lx * feat[:, y1, x1]
+    )
+
+
+def roi_align_ref(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode="avg"):
+    """input ``[N, C, H, W]``, rois ``[K, 5]`` -> ``[K, C, oh, ow]`` (numpy float64)."""
+    input = np.asarray(input, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)
+    oh, ow = output_size
+    k = rois.shape[0]
+    out = np.zeros((k, input.shape[1], oh, ow))
+    offset = 0.5 if aligned else 0.0
+    for r in range(k):
+        feat = input[int(rois[r, 0])]
+        x1, y1, x2, y2 = rois[r, 1:] * spatial_scale - offset
+        rw, rh = x2 - x1, y2 - y1
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rh / oh), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rw / ow), 0)
+        bh, bw = rh / oh, rw / ow
+        for ph in range(oh):
+            for pw in range(ow):
+                samples = [
+                    _bilinear(feat, y1 + ph * bh + (iy + 0.5) * bh / gh, x1 + pw * bw + (ix + 0.5) * bw / gw)
+                    for iy in range(gh)
+                    for ix in range(gw)
+                ]
+                if not samples:
+                    continue
+                if mode == "avg":
+                    out[r, :, ph, pw] = np.sum(samples, axis=0) / max(gh * gw, 1)
+                else:
+                    out[r, :, ph, pw] = np.max(samples, axis=0)
+    return out
+
+
+def roi_pool_ref(input, rois, output_size, spatial_scale):
+    """Fast R-CNN RoIPool: rounded RoI (end inclusive), integer bins, max; empty bins are 0."""
+    input = np.asarray(input, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)
+    oh, ow = output_size
+    _, c, h, w = input.shape
+    out = np.zeros((rois.shape[0], c, oh, ow))
+
+    def c_round(v):
+        return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+    for r in range(rois.shape[0]):
+        feat = input[int(rois[r, 0])]
+        x1, y1, x2, y2 = (c_round(v * spatial_scale) for v in rois[r, 1:])
+        rh, rw = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
+        for ph in range(oh):
+            for pw in range(ow):
+                hs = min(max(math.floor(ph * rh / oh) + y1, 0), h)
+                he = min(max(math.ceil((ph + 1) * rh / oh) + y1, 0), h)
+                ws = min(max(math.floor(pw * rw / ow) + x1, 0), w)
+                we = min(max(math.ceil((pw + 1) * rw / ow) + x1, 0), w)
+                if he > hs and we > ws:
+                    out[r, :, ph, pw] = feat[:, hs:he, ws:we].reshape(c, -1).max(axis=1)
+    return out
