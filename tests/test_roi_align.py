@@ -1,5 +1,7 @@
 """RoIAlign / RoIPool / RoIWarp against hand-computed values, a naive loop reference, and invariances."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -301,3 +303,23 @@ def test_cuda_autocast(dtype):
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     torch.testing.assert_close(out.float(), roi_align(x.detach(), rois, 7, 1.0, 2), atol=1e-2, rtol=1e-2)
+
+
+def test_channel_blocks_give_the_same_numbers(monkeypatch):
+    """NCHW input is processed in channel blocks to bound memory; blocks must not change the result."""
+    mod = importlib.import_module("maskrcnn.ops.roi_align")
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
+    rois = random_rois(15, 2, 9, 11, 1.0, g)
+    grad_out = torch.randn(15, 5, 3, 3, generator=g, dtype=torch.float64)
+    results = []
+    for blocks in (None, [(0, 2), (2, 3), (3, 5)]):
+        if blocks is not None:
+            monkeypatch.setattr(mod, "_channel_blocks", lambda *a, b=blocks: b)
+        xi = x.clone().requires_grad_()
+        out = roi_align(xi, rois, 3, 1.0, -1, True)
+        out.backward(grad_out)
+        results.append((out.detach(), xi.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)

@@ -197,21 +197,44 @@ def _sample_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, hei
     return index.reshape(-1), weight.reshape(-1), in_grid
 
 
+def _channel_blocks(channels: int, cells: int, bags: int, channels_last: bool) -> list[tuple[int, int]]:
+    """Channel ranges to process at a time.
+
+    Channels-last input is used in place (one block). NCHW input must be copied to channels-last rows;
+    copying it in channel blocks keeps that temporary no larger than about the output.
+    """
+    if channels_last:
+        return [(0, channels)]
+    budget = max(bags * channels, 1 << 22)  # elements
+    per_block = max(1, min(channels, budget // max(cells, 1)))
+    return [(c0, min(c0 + per_block, channels)) for c0 in range(0, channels, per_block)]
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class _BagSum(torch.autograd.Function):
     """``out[b] = sum_j weight[j] * cell(index[j])`` over the pairs ``j`` of bag ``b`` (bags given by offsets).
 
     ``input`` is ``[N, C, H, W]``; cell ``(n*H + y)*W + x`` is the channel vector ``input[n, :, y, x]``.
-    Forward is ``embedding_bag`` on the channels-last rows (a free view for channels-last input);
-    backward groups the pairs by cell (one sort) and bag-sums the output gradient into each touched cell,
-    so no ``pairs x C`` tensor and no atomics are needed. The input gradient has the input's layout.
+    Forward is ``embedding_bag`` on channels-last rows (a free view for channels-last input; NCHW input
+    is copied in channel blocks). Backward groups the pairs by cell (one sort) and bag-sums the output
+    gradient into each touched cell: no ``pairs x C`` tensor, no atomics. The input gradient has the
+    input's memory layout.
     """
 
     @staticmethod
     def forward(ctx, input: Tensor, index: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-        out = F.embedding_bag(index, _channels_last_rows(input), offsets, mode="sum", per_sample_weights=weight)
+        n, c, h, w = input.shape
+        channels_last = _is_channels_last(input)
+        out = input.new_empty(offsets.numel(), c)
+        for c0, c1 in _channel_blocks(c, n * h * w, offsets.numel(), channels_last):
+            rows = _channels_last_rows(input[:, c0:c1])
+            out[:, c0:c1] = F.embedding_bag(index, rows, offsets, mode="sum", per_sample_weights=weight)
         ctx.save_for_backward(index, weight, offsets)
         ctx.input_shape = input.shape
-        ctx.channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+        ctx.channels_last = channels_last
         return out
 
     @staticmethod
@@ -219,7 +242,6 @@ class _BagSum(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         index, weight, offsets = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
-        grad_out = grad_out.contiguous()
         if ctx.channels_last:
             grad = grad_out.new_zeros((n, h, w, c)).permute(0, 3, 1, 2)
         else:
@@ -234,17 +256,21 @@ class _BagSum(torch.autograd.Function):
         unique, counts = torch.unique_consecutive(cells, return_counts=True)
         cell_offsets = torch.zeros_like(counts, dtype=torch.int64)
         cell_offsets[1:] = counts.cumsum(0)[:-1]
-        summed = F.embedding_bag(bag[order], grad_out, cell_offsets, mode="sum", per_sample_weights=weight[order])
-        unique = unique.long()
-        if ctx.channels_last:
-            grad.permute(0, 2, 3, 1).reshape(n * h * w, c).index_copy_(0, unique, summed)
-        else:  # write the [U, C] rows straight into the NCHW gradient, image by image
+        bag, pair_weight, unique = bag[order], weight[order], unique.long()
+        if not ctx.channels_last:
             starts = torch.arange(n + 1, device=unique.device) * (h * w)
             bounds = torch.searchsorted(unique, starts).tolist()
-            for b in range(n):
+        for c0, c1 in _channel_blocks(c, n * h * w, num_bags, ctx.channels_last):
+            g = grad_out[:, c0:c1].contiguous()
+            summed = F.embedding_bag(bag, g, cell_offsets, mode="sum", per_sample_weights=pair_weight)
+            if ctx.channels_last:
+                grad.permute(0, 2, 3, 1).reshape(n * h * w, c).index_copy_(0, unique, summed)
+                continue
+            for b in range(n):  # write the [U, C] rows straight into the NCHW gradient, image by image
                 lo, hi = bounds[b], bounds[b + 1]
                 if hi > lo:
-                    grad[b].view(c, h * w).index_copy_(1, unique[lo:hi] - b * h * w, summed[lo:hi].t())
+                    dst = grad[b, c0:c1].reshape(c1 - c0, h * w)
+                    dst.index_copy_(1, unique[lo:hi] - b * h * w, summed[lo:hi].t())
         return grad, None, None, None
 
 
