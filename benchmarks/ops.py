@@ -116,7 +116,7 @@ def main() -> int:
         rois, level = make_rois(per_image)
         out_mib = rois.shape[0] * channels * size[0] * size[1] * 4 / 2**20
 
-        def run(fn, maps, backward):
+        def run(fn, maps, backward, rois=rois, level=level, size=size):
             leaves = [m.detach().requires_grad_(backward) for m in maps]
             outs = [fn(leaves[l - 2], rois[level == l], size, 1 / 2**l, 2, False) for l in range(2, 6)]
             if backward:
@@ -137,7 +137,9 @@ def main() -> int:
                         run(fn, maps, bw)
                         times[(name, bw)].append(time.perf_counter() - t0)
         for (name, bw), ts in times.items():
-            results.append((case, "forward+backward" if bw else "forward", name, ts, mem[(name, bw)], out_mib))
+            results.append(
+                (case, "forward+backward" if bw else "forward", name, ts, mem[(name, bw)], out_mib)
+            )
 
     nms_rows = []
     for n in (1000, 5000):
@@ -160,8 +162,10 @@ def main() -> int:
     def fmt(ts):
         return f"{statistics.median(ts):.4f} ({min(ts):.4f}-{max(ts):.4f})"
 
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, "
-          f"torchvision {tv.__version__}")
+    print(
+        f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {args.threads}, "
+        f"torchvision {tv.__version__}"
+    )
     print(f"command: {' '.join(sys.argv)}\n")
     print("| case | pass | implementation | seconds, median (min-max) | peak extra memory MiB | output MiB |")
     print("| --- | --- | --- | --- | --- | --- |")

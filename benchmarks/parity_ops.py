@@ -57,7 +57,9 @@ def main() -> int:
             x = torch.randn(n, c, h, w, generator=gen, dtype=dtype, requires_grad=True)
             k = 40
             scale = (1.0, 0.5, 0.25)[trial % 3]
-            xy = (torch.rand(k, 2, generator=gen, dtype=dtype) * 1.6 - 0.3) * torch.tensor([w, h], dtype=dtype)
+            xy = (torch.rand(k, 2, generator=gen, dtype=dtype) * 1.6 - 0.3) * torch.tensor(
+                [w, h], dtype=dtype
+            )
             wh = torch.rand(k, 2, generator=gen, dtype=dtype) * max(h, w)
             wh[:5] = 0
             idx = torch.randint(0, n, (k, 1), generator=gen).to(dtype)
@@ -91,10 +93,15 @@ def main() -> int:
             cats = torch.randint(0, 5, (m,), generator=gen)
             for thr in (0.3, 0.5, 0.7):
                 a, b = nms(boxes, scores, thr), tv.ops.nms(boxes, scores, thr)
-                count(f"nms: inputs with different kept indices, {tag} (of {3 * args.trials})", not torch.equal(a, b))
+                count(
+                    f"nms: inputs with different kept indices, {tag} (of {3 * args.trials})",
+                    not torch.equal(a, b),
+                )
                 a, b = batched_nms(boxes, scores, cats, thr), tv.ops.batched_nms(boxes, scores, cats, thr)
-                count(f"batched_nms: inputs with different kept indices, {tag} (of {3 * args.trials})",
-                      not torch.equal(a, b))
+                count(
+                    f"batched_nms: inputs with different kept indices, {tag} (of {3 * args.trials})",
+                    not torch.equal(a, b),
+                )
     print(f"| comparison ({args.trials} seeded trials each) | max difference |")
     print("| --- | --- |")
     for name, value in rows.items():

@@ -13,8 +13,18 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["ModelConfig", "BackboneConfig", "InputConfig", "RPNConfig", "RoIHeadsConfig", "PRESETS",
-           "get_config", "apply_overrides", "config_to_dict", "config_from_dict"]
+__all__ = [
+    "ModelConfig",
+    "BackboneConfig",
+    "InputConfig",
+    "RPNConfig",
+    "RoIHeadsConfig",
+    "PRESETS",
+    "get_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+]
 
 
 @dataclass
@@ -95,7 +105,10 @@ def _c4(name: str) -> ModelConfig:
         backbone=BackboneConfig(name=name, kind="c4"),
         rpn=RPNConfig(
             anchor_sizes=((32, 64, 128, 256, 512),),
-            pre_nms_topk_train=12000, pre_nms_topk_test=6000, post_nms_topk_train=2000, post_nms_topk_test=1000,
+            pre_nms_topk_train=12000,
+            pre_nms_topk_test=6000,
+            post_nms_topk_train=2000,
+            post_nms_topk_test=1000,
         ),
         roi_heads=RoIHeadsConfig(box_pool_size=14, mask_pool_size=14, batch_size_per_image=64),
     )

@@ -17,7 +17,11 @@ def run_demo() -> int:
     out = roi_align(x, rois, (2, 2), 1.0, 2, aligned=False)[0, 0]
     expected = torch.tensor([[2.5, 3.5], [6.5, 7.5]], dtype=torch.float64)
     ok = torch.allclose(out, expected)
-    print(f"RoIAlign smoke check on a 4x4 arange map: {out.tolist()} (expected {expected.tolist()}): "
-          f"{'ok' if ok else 'FAILED'}")
-    print("The full demo (synthetic data, training, evaluation, predictions) comes with the training pipeline.")
+    print(
+        f"RoIAlign smoke check on a 4x4 arange map: {out.tolist()} (expected {expected.tolist()}): "
+        f"{'ok' if ok else 'FAILED'}"
+    )
+    print(
+        "The full demo (synthetic data, training, evaluation, predictions) comes with the training pipeline."
+    )
     return 0 if ok else 1

@@ -16,9 +16,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def random_rois(k, n, h, w, scale, generator, spill=0.3, max_size=None):
     """[K, 5] rois in image pixels: some partly or wholly outside the map, some empty."""
     max_size = max_size or max(h, w)
-    xy = (torch.rand(k, 2, generator=generator, dtype=torch.float64) * (1 + 2 * spill) - spill) * torch.tensor(
-        [w, h], dtype=torch.float64
-    )
+    xy = (
+        torch.rand(k, 2, generator=generator, dtype=torch.float64) * (1 + 2 * spill) - spill
+    ) * torch.tensor([w, h], dtype=torch.float64)
     wh = torch.rand(k, 2, generator=generator, dtype=torch.float64) * max_size
     wh[: k // 6] = 0  # empty boxes
     idx = torch.randint(0, n, (k, 1), generator=generator).double()
@@ -33,7 +33,7 @@ def test_arange_hand_computed():
     # bin (0,0) covers [0,1]^2, samples at .25/.75: mean y = .5, mean x = .5 -> 4*.5 + .5 = 2.5
     expected = torch.tensor([[2.5, 3.5], [6.5, 7.5]], dtype=torch.float64)
     torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-12)
-    # aligned=True shifts by half a cell: bin (0,0) covers [-.5, .5]^2 -> samples at -.25 (clamped to 0) and .25
+    # aligned=True shifts by half a cell: bin (0,0) covers [-.5, .5]^2 -> samples -.25 (clamped to 0), .25
     out = roi_align(x, rois, (2, 2), 1.0, 2, aligned=True)
     # y samples -.25 -> 0 and .25 -> mean .125; same for x: 4*.125 + .125 = .625
     assert out[0, 0, 0, 0].item() == pytest.approx(0.625, abs=1e-12)
@@ -48,7 +48,9 @@ def test_adaptive_sampling_hand_computed():
     rois = torch.tensor([[0, 0.0, 0.0, 6.0, 6.0]], dtype=torch.float64)
     # 6 cells / 2 bins -> ceil(3) = 3 samples per axis at .5, 1.5, 2.5 -> mean 1.5 in bin 0, 4.5 in bin 1
     out = roi_align(x, rois, 2, 1.0, -1, aligned=False)
-    expected = torch.tensor([[8 * 1.5 + 1.5, 8 * 1.5 + 4.5], [8 * 4.5 + 1.5, 8 * 4.5 + 4.5]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[8 * 1.5 + 1.5, 8 * 1.5 + 4.5], [8 * 4.5 + 1.5, 8 * 4.5 + 4.5]], dtype=torch.float64
+    )
     torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-12)
 
 
@@ -59,7 +61,9 @@ def test_linear_map_is_exact(aligned, sampling_ratio):
     g = torch.Generator().manual_seed(1)
     h, w = 20, 24
     a, b, c0 = 0.7, -1.3, 2.0
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     feat = (a * ys + b * xs + c0).view(1, 1, h, w)
     # boxes well inside the map, so no sample is clamped
     xy = 2 + torch.rand(30, 2, generator=g, dtype=torch.float64) * 8
@@ -137,7 +141,11 @@ def test_halving_map_and_scale_together(aligned):
 def test_box_list_equals_tensor_form_and_batches_are_independent():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, 4, 8, 9, generator=g)
-    boxes = [torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 2.0, 7.5, 6.0]]), torch.zeros(0, 4), torch.tensor([[2.0, 1.0, 4.0, 8.0]])]
+    boxes = [
+        torch.tensor([[0.0, 0.0, 5.0, 5.0], [1.0, 2.0, 7.5, 6.0]]),
+        torch.zeros(0, 4),
+        torch.tensor([[2.0, 1.0, 4.0, 8.0]]),
+    ]
     rois = boxes_to_rois(boxes)
     assert rois[:, 0].tolist() == [0, 0, 2]
     torch.testing.assert_close(roi_align(x, boxes, 2, 1.0, 2), roi_align(x, rois, 2, 1.0, 2))
@@ -265,7 +273,9 @@ def test_property_matches_reference(h, w, coords, sampling_ratio, aligned, scale
     x = torch.arange(2 * h * w, dtype=torch.float64).view(1, 2, h, w).sin()
     x1, x2 = sorted(coords[:2])
     y1, y2 = sorted(coords[2:])
-    rois = torch.tensor([[0, x1, y1, x2, y2]], dtype=torch.float64) / torch.tensor([1, scale, scale, scale, scale])
+    rois = torch.tensor([[0, x1, y1, x2, y2]], dtype=torch.float64) / torch.tensor(
+        [1, scale, scale, scale, scale]
+    )
     out = roi_align(x, rois, (2, 3), scale, sampling_ratio, aligned)
     ref = roi_align_ref(x.numpy(), rois.numpy(), (2, 3), scale, sampling_ratio, aligned)
     torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=1e-12)

@@ -56,7 +56,9 @@ def boxes_to_rois(boxes: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         if len(boxes) == 0:
             return torch.zeros(0, 5)
         cat = torch.cat(list(boxes), dim=0)
-        idx = torch.cat([torch.full((len(b), 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)])
+        idx = torch.cat(
+            [torch.full((len(b), 1), i, dtype=cat.dtype, device=cat.device) for i, b in enumerate(boxes)]
+        )
         return torch.cat([idx, cat], dim=1)
     if boxes.dim() != 2 or boxes.shape[1] != 5:
         raise ValueError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {tuple(boxes.shape)}")
@@ -215,7 +217,7 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 class _BagSum(torch.autograd.Function):
-    """``out[b] = sum_j weight[j] * cell(index[j])`` over the pairs ``j`` of bag ``b`` (bags given by offsets).
+    """``out[b] = sum_j weight[j] * cell(index[j])`` over the pairs ``j`` of bag ``b`` (bags by offsets).
 
     ``input`` is ``[N, C, H, W]``; cell ``(n*H + y)*W + x`` is the channel vector ``input[n, :, y, x]``.
     Forward is ``embedding_bag`` on channels-last rows (a free view for channels-last input; NCHW input
@@ -309,7 +311,9 @@ def roi_align(
         return (x.sum() * 0 + x.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
     with torch.no_grad():
         if mode == "avg":
-            index, weight, offsets = _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, h, w)
+            index, weight, offsets = _bin_pairs(
+                rois, output_size, spatial_scale, sampling_ratio, aligned, h, w
+            )
         else:
             index, weight, in_grid = _sample_pairs(
                 rois, output_size, spatial_scale, sampling_ratio, aligned, h, w
@@ -441,8 +445,15 @@ def roi_warp(
 class RoIAlign(nn.Module):
     """Module form of :func:`roi_align` (keyword-only configuration)."""
 
-    def __init__(self, *, output_size, spatial_scale: float, sampling_ratio: int = -1, aligned: bool = False,
-                 mode: str = "avg"):
+    def __init__(
+        self,
+        *,
+        output_size,
+        spatial_scale: float,
+        sampling_ratio: int = -1,
+        aligned: bool = False,
+        mode: str = "avg",
+    ):
         super().__init__()
         self.output_size = _pair(output_size)
         self.spatial_scale = spatial_scale
@@ -451,12 +462,21 @@ class RoIAlign(nn.Module):
         self.mode = mode
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-                         mode=self.mode)
+        return roi_align(
+            input,
+            rois,
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.aligned,
+            mode=self.mode,
+        )
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, mode={self.mode}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, mode={self.mode}"
+        )
 
 
 class RoIPool(nn.Module):
@@ -485,8 +505,12 @@ class RoIWarp(nn.Module):
         self.mode = mode
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        return roi_warp(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, mode=self.mode)
+        return roi_warp(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, mode=self.mode
+        )
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, mode={self.mode}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, mode={self.mode}"
+        )

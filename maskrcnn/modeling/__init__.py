@@ -1,0 +1,1 @@
+"""Model components: backbone, FPN, RPN, RoI heads."""

@@ -1,0 +1,159 @@
+"""``build_model(config)``: the one place where a :class:`maskrcnn.config.ModelConfig` becomes modules."""
+
+from __future__ import annotations
+
+from maskrcnn.config import ModelConfig, get_config
+from maskrcnn.modeling.backbone import ResNet, resnet_spec
+from maskrcnn.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
+from maskrcnn.modeling.fpn import FPN, BackboneWithFPN
+from maskrcnn.modeling.mask_head import C4MaskPredictor, MaskRCNNHeads, MaskRCNNPredictor, MLPMaskHead
+from maskrcnn.modeling.poolers import MultiLevelPooler
+from maskrcnn.modeling.rcnn import MaskRCNN
+from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.modeling.rpn import RPN, RPNHead
+from maskrcnn.modeling.transform import ImageTransform
+from maskrcnn.ops.anchors import AnchorGenerator
+
+__all__ = ["build_model"]
+
+_FPN_LEVELS = ("p2", "p3", "p4", "p5")
+
+
+def build_model(config: ModelConfig | str) -> MaskRCNN:
+    """Mask R-CNN (Faster R-CNN if ``config.roi_heads.mask`` is False) from a config or a preset name."""
+    cfg = get_config(config) if isinstance(config, str) else config
+    bb, rc, hc = cfg.backbone, cfg.rpn, cfg.roi_heads
+    if cfg.num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {cfg.num_classes}")
+    spec = resnet_spec(bb.name)
+
+    if bb.kind == "fpn":
+        body = ResNet(**spec, norm=bb.norm, frozen_stages=bb.frozen_stages)
+        fpn = FPN(in_channels=body.out_channels, out_channels=bb.fpn_channels, extra_pool=True)
+        backbone = BackboneWithFPN(body=body, fpn=fpn)
+        rpn_features = ("p2", "p3", "p4", "p5", "p6")
+        roi_features = _FPN_LEVELS
+        channels = bb.fpn_channels
+        rpn_strides = tuple(backbone.strides[k] for k in rpn_features)
+        roi_scales = [1.0 / backbone.strides[k] for k in roi_features]
+    elif bb.kind == "c4":
+        backbone = ResNet(**spec, norm=bb.norm, frozen_stages=bb.frozen_stages, return_stages=("c4",))
+        rpn_features = roi_features = ("c4",)
+        channels = backbone.out_channels["c4"]
+        rpn_strides = (backbone.strides["c4"],)
+        roi_scales = [1.0 / backbone.strides["c4"]]
+    else:
+        raise ValueError(f"backbone.kind must be 'fpn' or 'c4', got {bb.kind!r}")
+
+    if len(rc.anchor_sizes) != len(rpn_features):
+        raise ValueError(
+            f"rpn.anchor_sizes has {len(rc.anchor_sizes)} levels but the {bb.kind} backbone gives "
+            f"{len(rpn_features)} ({', '.join(rpn_features)})"
+        )
+    if rc.anchor_stride_rule not in ("exact", "torchvision"):
+        raise ValueError(
+            f"rpn.anchor_stride_rule must be 'exact' or 'torchvision', got {rc.anchor_stride_rule!r}"
+        )
+    anchors = AnchorGenerator(
+        sizes=rc.anchor_sizes,
+        aspect_ratios=(tuple(rc.aspect_ratios),) * len(rc.anchor_sizes),
+        strides=rpn_strides if rc.anchor_stride_rule == "exact" else None,
+    )
+    rpn = RPN(
+        head=RPNHead(in_channels=channels, num_anchors=anchors.num_anchors_per_location()[0]),
+        anchor_generator=anchors,
+        pre_nms_topk={True: rc.pre_nms_topk_train, False: rc.pre_nms_topk_test},
+        post_nms_topk={True: rc.post_nms_topk_train, False: rc.post_nms_topk_test},
+        nms_thresh=rc.nms_thresh,
+        fg_iou_thresh=rc.fg_iou_thresh,
+        bg_iou_thresh=rc.bg_iou_thresh,
+        batch_size_per_image=rc.batch_size_per_image,
+        positive_fraction=rc.positive_fraction,
+    )
+
+    def pooler(size: int) -> MultiLevelPooler:
+        return MultiLevelPooler(
+            output_size=size,
+            scales=roi_scales,
+            sampling_ratio=hc.sampling_ratio,
+            aligned=hc.aligned,
+            kind=hc.pooler,
+        )
+
+    mask_pooler = mask_head = mask_predictor = None
+    if bb.kind == "fpn":
+        box_head = TwoMLPHead(
+            in_channels=channels * hc.box_pool_size**2, representation_size=hc.representation_size
+        )
+        if hc.mask:
+            mask_pooler = pooler(hc.mask_pool_size)
+            if hc.mask_head == "fcn":
+                mask_head = MaskRCNNHeads(in_channels=channels)
+                mask_predictor = MaskRCNNPredictor(
+                    in_channels=mask_head.out_channels,
+                    num_classes=cfg.num_classes,
+                    class_agnostic=hc.class_agnostic_mask,
+                )
+            elif hc.mask_head == "mlp":
+                mask_predictor = MLPMaskHead(
+                    in_channels=channels,
+                    in_size=hc.mask_pool_size,
+                    num_classes=cfg.num_classes,
+                    class_agnostic=hc.class_agnostic_mask,
+                )
+            else:
+                raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {hc.mask_head!r}")
+    else:
+        box_head = Res5Head(
+            depth=spec["depth"],
+            groups=spec.get("groups", 1),
+            width_per_group=spec.get("width_per_group", 64),
+            norm=bb.norm,
+        )
+        if hc.mask:
+            if hc.mask_head != "fcn":
+                raise ValueError(
+                    "the C4 model's mask head is the res5 deconvolution; roi_heads.mask_head must be 'fcn'"
+                )
+            mask_predictor = C4MaskPredictor(
+                in_channels=box_head.out_channels,
+                num_classes=cfg.num_classes,
+                class_agnostic=hc.class_agnostic_mask,
+            )
+    roi_heads = RoIHeads(
+        box_pooler=pooler(hc.box_pool_size),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(in_channels=box_head.out_channels, num_classes=cfg.num_classes),
+        mask_pooler=mask_pooler,
+        mask_head=mask_head,
+        mask_predictor=mask_predictor,
+        fg_iou_thresh=hc.fg_iou_thresh,
+        bg_iou_thresh=hc.bg_iou_thresh,
+        batch_size_per_image=hc.batch_size_per_image,
+        positive_fraction=hc.positive_fraction,
+        box_coder_weights=hc.box_reg_weights,
+        score_thresh=hc.score_thresh,
+        nms_thresh=hc.nms_thresh,
+        detections_per_img=hc.detections_per_img,
+        box_loss=hc.box_loss,
+        smooth_l1_beta=hc.smooth_l1_beta,
+        mask_loss=hc.mask_loss,
+        class_agnostic_mask=hc.class_agnostic_mask,
+        shared_res5=bb.kind == "c4",
+    )
+    transform = ImageTransform(
+        min_size=cfg.input.min_size,
+        max_size=cfg.input.max_size,
+        size_divisible=cfg.input.size_divisible,
+        pixel_mean=cfg.input.pixel_mean,
+        pixel_std=cfg.input.pixel_std,
+    )
+    return MaskRCNN(
+        transform=transform,
+        backbone=backbone,
+        rpn=rpn,
+        roi_heads=roi_heads,
+        rpn_features=rpn_features,
+        roi_features=roi_features,
+        config=cfg,
+    )
