@@ -21,8 +21,9 @@ meets only the kept boxes before it, like the scalar loop, so heavily suppressed
 are cheap, and the work is done by vectorised numpy ufuncs on CPU (single-threaded, tiny call overhead)
 or torch ops on other devices. Memory is ``O(N)`` plus one bounded tile of IoU values.
 
-:func:`batched_nms` runs the sweep per category on CPU, and one sweep with a same-category mask on other
-devices (fewer host synchronisations). Coordinates must be finite; otherwise the result is unspecified.
+:func:`batched_nms` works per category on CPU (a sweep for each category larger than a block, all smaller
+categories batched together), and as one sweep with a same-category mask on other devices (fewer host
+synchronisations). Coordinates must be finite; otherwise the result is unspecified.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ from torch import Tensor
 
 __all__ = ["nms", "batched_nms"]
 
-# Block size of the sweep and the largest number of IoU values computed at once.
+# Block size of the sweep and the largest number of IoU values computed at once: on CPU (numpy backend,
+# and torch backend on CPU tensors) and on accelerators (torch backend).
 _CPU_BLOCK = 128
 _CPU_TILE_ELEMS = 1 << 16
-_TORCH_BLOCK = 1024
-_TORCH_TILE_ELEMS = 1 << 22
-# Fixed-point rounds of the in-block greedy pass (torch backend) before falling back to a host scan.
+_DEVICE_BLOCK = 1024
+_DEVICE_TILE_ELEMS = 1 << 22
+# Fixed-point rounds of the greedy passes on suppression graphs (torch in-block pass, numpy small categories)
+# before they finish with a sequential scan.
 _MAX_ROUNDS = 16
 
 
@@ -354,7 +357,10 @@ def _sweep_torch(boxes: Tensor, cat: Tensor | None, thr: float) -> Tensor:
     x1, y1, x2, y2 = boxes.t()
     pool = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])
     pos = torch.arange(n, device=device)
-    block, elems = _TORCH_BLOCK, _TORCH_TILE_ELEMS
+    if device.type == "cpu":
+        block, elems = _CPU_BLOCK, _CPU_TILE_ELEMS
+    else:
+        block, elems = _DEVICE_BLOCK, _DEVICE_TILE_ELEMS
     kept = []
     while pos.numel():
         s = min(block, pos.numel())

@@ -1,0 +1,76 @@
+"""Regenerate tests/data/tv_reference.pt: torchvision's Mask R-CNN outputs with seeded weights.
+
+Run with the tvref environment (torchvision's genuine kernels on a CPU torch; see ../shared/tools/tvref):
+
+    /tmp/tvref-venv/bin/python tests/data/make_tv_reference.py [--shared ../shared]
+
+The weights come from tests/tv_parity.parity_weights (no torchvision needed to rebuild them), renamed to
+torchvision's layout and loaded into ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)``; the
+images are two COCO val images from shared/data/coco-mini, read as uint8 / 255. Stored per image: boxes,
+labels, scores, and the pasted mask probabilities at the pixels chosen by tv_parity.mask_probe.
+"""
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "tv_reference.pt"))
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(args.shared, "tools", "tvref"))
+    import tvref
+
+    torchvision = tvref.install()
+    import torch
+
+    from tests.tv_parity import IMAGES, SEED, mask_probe, parity_weights, read_image, to_torchvision
+
+    torch.set_num_threads(2)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    tv_sd = to_torchvision(parity_weights(SEED))
+    own = model.state_dict()
+    tv_sd.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked")})
+    model.load_state_dict(tv_sd, strict=True)
+    model.eval()
+    outputs = []
+    for name in IMAGES:
+        image = read_image(os.path.join(args.shared, "data", "coco-mini", "val2017", name))
+        with torch.no_grad():
+            (out,) = model([image])
+        size = tuple(image.shape[-2:])
+        probe = mask_probe(out["boxes"], size)
+        masks = out["masks"][:, 0].reshape(out["masks"].shape[0], -1)
+        outputs.append(
+            {
+                "file": name,
+                "image_size": size,
+                "boxes": out["boxes"],
+                "labels": out["labels"],
+                "scores": out["scores"],
+                "mask_probe": probe,
+                "mask_values": torch.gather(masks, 1, probe),
+            }
+        )
+        print(
+            f"{name}: {len(out['boxes'])} detections, scores {out['scores'].min():.3f}-{out['scores'].max():.3f}"
+        )
+    torch.save(
+        {
+            "seed": SEED,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "outputs": outputs,
+        },
+        args.out,
+    )
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
