@@ -19,8 +19,13 @@ __all__ = [
     "InputConfig",
     "RPNConfig",
     "RoIHeadsConfig",
+    "DataConfig",
+    "SolverConfig",
+    "Config",
     "PRESETS",
     "get_config",
+    "make_config",
+    "load_config_file",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
@@ -96,6 +101,62 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
 
 
+@dataclass
+class DataConfig:
+    """COCO-format data: an images folder and an instances JSON per split."""
+
+    train_images: str = ""
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    filter_empty: bool = True  # drop training images that have no (non-crowd) annotation
+    skip_bad_records: bool = False  # False: stop before training on the first broken record (listing all)
+    horizontal_flip: float = 0.5  # probability, training only
+    num_workers: int = 2
+
+
+@dataclass
+class SolverConfig:
+    """SGD schedule. The learning rate is ``base_lr * ims_per_batch / reference_batch`` (linear scaling rule:
+    ``base_lr`` is the rate for a batch of ``reference_batch`` images, 0.02 for 16 as in the paper)."""
+
+    ims_per_batch: int = 16  # total over all processes
+    base_lr: float = 0.02
+    reference_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_iter: int = 90000
+    schedule: str = "step"  # "step" (gamma at each of steps) or "cosine" (to 0 at max_iter)
+    steps: tuple[int, ...] = (60000, 80000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # linear warmup from base_lr * warmup_factor
+    clip_grad_norm: float = 0.0  # 0: no clipping
+    amp: str = "off"  # "off", "bfloat16" or "float16" (CUDA only)
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.ims_per_batch / self.reference_batch
+
+
+@dataclass
+class Config:
+    """Everything a run needs: the model, the data, the solver, and where to write."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    output_dir: str = "runs/default"
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
+    seed: int = 0
+    checkpoint_period: int = 1000  # iterations
+    keep_checkpoints: int = 3  # periodic checkpoints kept (the final one is always kept)
+    log_period: int = 20
+    eval_period: int = 0  # 0: evaluate at the end only
+    init_backbone: str = ""  # torchvision ImageNet classification checkpoint file for the backbone
+    init_weights: str = ""  # a COCO-trained checkpoint (ours or torchvision's) to fine-tune from
+
+
 def _fpn(name: str, **roi) -> ModelConfig:
     return ModelConfig(backbone=BackboneConfig(name=name, kind="fpn"), roi_heads=RoIHeadsConfig(**roi))
 
@@ -152,10 +213,40 @@ PRESETS = {
 
 
 def get_config(name: str) -> ModelConfig:
-    """A fresh copy of a named preset."""
+    """A fresh copy of a named model preset."""
     if name not in PRESETS:
         raise KeyError(f"unknown configuration {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+def make_config(model: str | ModelConfig = "R-50-FPN", **sections) -> Config:
+    """A run :class:`Config` around a model preset (or config); ``sections`` set top-level fields."""
+    cfg = Config(model=get_config(model) if isinstance(model, str) else copy.deepcopy(model))
+    for key, value in sections.items():
+        if not hasattr(cfg, key):
+            raise KeyError(f"unknown config key {key!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def load_config_file(path: str) -> Config:
+    """A YAML run config: an optional ``preset:`` (model preset name), then any nested keys of
+    :class:`Config` (``model:``, ``data:``, ``solver:``, ``output_dir:`` ...). Unknown keys raise."""
+    import yaml
+
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    preset = data.pop("preset", None)
+    base = make_config(preset) if preset else Config()
+    try:
+        return config_from_dict(data, base)
+    except (KeyError, ValueError) as e:
+        raise type(e)(f"{path}: {e.args[0]}") from None
 
 
 def config_to_dict(cfg) -> dict:
@@ -193,8 +284,9 @@ def _coerce(value, like, key: str):
     return value
 
 
-def config_from_dict(data: dict, base: ModelConfig | None = None, *, prefix: str = "") -> ModelConfig:
-    """Apply a nested dict onto ``base`` (default: ``ModelConfig()``); unknown keys raise ``KeyError``."""
+def config_from_dict(data: dict, base=None, *, prefix: str = ""):
+    """Apply a nested dict onto ``base`` (a config dataclass; default ``ModelConfig()``); unknown keys raise
+    ``KeyError`` naming the key and the valid ones."""
     cfg = copy.deepcopy(base) if base is not None else ModelConfig()
     _apply_dict(cfg, data, prefix)
     return cfg
@@ -215,7 +307,7 @@ def _apply_dict(node, data: dict, prefix: str) -> None:
             setattr(node, key, _coerce(value, current, path))
 
 
-def apply_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
+def apply_overrides(cfg, overrides: list[str]):
     """Apply ``KEY=VALUE`` strings (dotted keys, e.g. ``roi_heads.aligned=true``) to a copy of ``cfg``."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
