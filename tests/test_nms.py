@@ -1,12 +1,15 @@
+import importlib
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import maskrcnn.ops.nms as nms_module
 from maskrcnn.ops.nms import batched_nms, nms
 from tests.reference.nms_ref import batched_nms_ref, iou_ref, nms_ref
+
+nms_module = importlib.import_module("maskrcnn.ops.nms")  # the package exports a function of that name
 
 BACKENDS = ["numpy", "torch"]
 

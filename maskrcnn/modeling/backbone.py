@@ -69,6 +69,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.fold = True  # fold into the preceding conv when autograd is off (see conv_norm)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -89,6 +90,31 @@ class FrozenBatchNorm2d(nn.Module):
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
         )
+
+    def folded_into(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` of a conv equal to ``self(conv(x))``; cached until either module changes."""
+        tensors = (conv.weight, self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple((t.data_ptr(), t._version) for t in tensors) + (conv.weight.dtype, conv.weight.device)
+        cached = getattr(self, "_folded", None)
+        if cached is None or cached[0] != key:
+            scale, shift = self.scale_and_shift()
+            weight = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            self._folded = cached = (key, weight.detach(), bias.detach().to(conv.weight.dtype))
+        return cached[1], cached[2]
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``. Without autograd a :class:`FrozenBatchNorm2d` with ``fold`` set is folded into the
+    conv's weights (one pass instead of two; equal up to float rounding)."""
+    if isinstance(norm, FrozenBatchNorm2d) and norm.fold and not torch.is_grad_enabled():
+        weight, bias = norm.folded_into(conv)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
+
+
+def _shortcut(downsample: nn.Sequential | None, x: Tensor) -> Tensor:
+    return x if downsample is None else conv_norm(downsample[0], downsample[1], x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -139,10 +165,11 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = _shortcut(self.downsample, x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
+        out += identity
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -176,11 +203,12 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(in_channels, out_channels, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = _shortcut(self.downsample, x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
+        out += identity
+        return self.relu(out)
 
 
 def make_stage(
@@ -350,7 +378,7 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         out: OrderedDict[str, Tensor] = OrderedDict()
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)

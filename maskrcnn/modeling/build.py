@@ -148,7 +148,7 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         pixel_mean=cfg.input.pixel_mean,
         pixel_std=cfg.input.pixel_std,
     )
-    return MaskRCNN(
+    model = MaskRCNN(
         transform=transform,
         backbone=backbone,
         rpn=rpn,
@@ -157,3 +157,4 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         roi_features=roi_features,
         config=cfg,
     )
+    return model

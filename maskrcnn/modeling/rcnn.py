@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.transform import ImageBatch, ImageTransform
@@ -39,6 +40,23 @@ class MaskRCNN(nn.Module):
         self.rpn_features = tuple(rpn_features)
         self.roi_features = tuple(roi_features)
         self.config = config  # the ModelConfig this model was built from (saved in checkpoints)
+        self.set_fast_inference(True)
+
+    def set_fast_inference(self, enabled: bool) -> MaskRCNN:
+        """Fast (default) or exact arithmetic.
+
+        Fast: convolutions in channels-last (NHWC) layout, the faster one on CPUs and tensor-core GPUs, and
+        frozen BatchNorms folded into their convolutions when autograd is off. Exact: NCHW and unfolded, the
+        same float operations as torchvision's model, for bit-level comparisons (the fast path differs by
+        float rounding, which can flip near-tied proposals of random-weight models). Returns ``self``.
+        """
+        from maskrcnn.modeling.backbone import FrozenBatchNorm2d
+
+        self.fast_inference = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.fold = self.fast_inference
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
@@ -64,7 +82,8 @@ class MaskRCNN(nn.Module):
         return results
 
     def _detect(self, batch: ImageBatch, targets: list[dict] | None) -> tuple[list[dict], dict[str, Tensor]]:
-        features = self.backbone(batch.tensor)
+        layout = torch.channels_last if self.fast_inference else torch.contiguous_format
+        features = self.backbone(batch.tensor.contiguous(memory_format=layout))
         proposals, rpn_losses = self.rpn(
             features=[features[k] for k in self.rpn_features],
             image_size=batch.padded_size,

@@ -1,0 +1,165 @@
+"""End-to-end CPU inference of R-50-FPN, side by side with torchvision's Mask R-CNN (same weights).
+
+Both models get the seeded weights of tests/tv_parity.py (torchvision's layout for torchvision), the same
+images from shared/data/coco-mini/val2017 at the default size (shorter side 800, longer <= 1333), one image
+per call, alternating between the two models image by image. Stages are timed with forward hooks:
+transform (normalise, resize, pad), backbone+FPN, RPN, box head (RoI heads up to the mask pooler: box
+RoIAlign, box head, postprocessing with NMS), mask head (mask RoIAlign to the end of the RoI heads),
+postprocess (boxes scaled back, masks pasted into the image). Peak memory: the process's peak RSS
+(VmHWM, reset before each model's pass).
+
+    /tmp/tvref-venv/bin/python benchmarks/inference.py [--images 8] [--runs 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+STAGES = ("transform", "backbone+FPN", "RPN", "box head", "mask head", "postprocess")
+
+
+class StageClock:
+    """Marks set by hooks; ``stages()`` turns them into per-stage seconds."""
+
+    def __init__(self):
+        self.marks = {}
+
+    def mark(self, name):
+        self.marks[name] = time.perf_counter()
+
+    def hook(self, module, start, end):
+        module.register_forward_pre_hook(lambda *_: self.mark(start))
+        module.register_forward_hook(lambda *_: self.mark(end))
+
+    def wrap(self, obj, attr, start, end):
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            self.mark(start)
+            out = fn(*args, **kwargs)
+            self.mark(end)
+            return out
+
+        setattr(obj, attr, timed)
+
+    def stages(self, total_start, total_end):
+        m = self.marks
+        spans = {
+            "transform": ("start", "backbone0"),
+            "backbone+FPN": ("backbone0", "backbone1"),
+            "RPN": ("rpn0", "rpn1"),
+            "box head": ("heads0", "mask0"),
+            "mask head": ("mask0", "heads1"),
+            "postprocess": ("post0", "post1"),
+        }
+        m = dict(m, start=total_start, end=total_end)
+        out = {k: m[b] - m[a] for k, (a, b) in spans.items() if a in m and b in m}
+        return out
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=os.path.join(ROOT, "..", "shared"))
+    ap.add_argument("--images", type=int, default=8, help="how many coco-mini val images (sorted by name)")
+    ap.add_argument("--runs", type=int, default=1, help="passes over the images")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(args.shared, "tools", "tvref"))
+    import tvref
+
+    tv = tvref.install()
+    import torch
+
+    from maskrcnn.weights import load_model
+    from tests.tv_parity import parity_weights, read_image, to_torchvision
+
+    torch.set_num_threads(args.threads)
+    weights = to_torchvision(parity_weights())
+    ours = load_model(weights)
+    theirs = tv.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    weights.update({k: v for k, v in theirs.state_dict().items() if k.endswith("num_batches_tracked")})
+    theirs.load_state_dict(weights)
+    theirs.eval()
+
+    clocks = {"maskrcnn": StageClock(), "torchvision": StageClock()}
+    c = clocks["maskrcnn"]
+    c.hook(ours.backbone, "backbone0", "backbone1")
+    c.hook(ours.rpn, "rpn0", "rpn1")
+    c.hook(ours.roi_heads, "heads0", "heads1")
+    c.hook(ours.roi_heads.mask_pooler, "mask0", "mask0_end")
+    c.wrap(ours.transform, "postprocess", "post0", "post1")
+    c = clocks["torchvision"]
+    c.hook(theirs.backbone, "backbone0", "backbone1")
+    c.hook(theirs.rpn, "rpn0", "rpn1")
+    c.hook(theirs.roi_heads, "heads0", "heads1")
+    c.hook(theirs.roi_heads.mask_roi_pool, "mask0", "mask0_end")
+    c.wrap(theirs.transform, "postprocess", "post0", "post1")
+    models = {"maskrcnn": ours, "torchvision": theirs}
+
+    folder = os.path.join(args.shared, "data", "coco-mini", "val2017")
+    files = sorted(os.listdir(folder))[: args.images]
+    images = [read_image(os.path.join(folder, f)) for f in files]
+    samples = {name: [] for name in models}
+    peak = {}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model([images[0]])
+        for name, model in models.items():
+            _reset_peak()
+            model([images[0]])
+            peak[name] = _status_kib("VmHWM") / 2**20
+        for _ in range(args.runs):
+            for image in images:
+                for name, model in models.items():
+                    clock = clocks[name]
+                    clock.marks.clear()
+                    t0 = time.perf_counter()
+                    (out,) = model([image])
+                    t1 = time.perf_counter()
+                    samples[name].append(
+                        {"total": t1 - t0, **clock.stages(t0, t1), "detections": len(out["boxes"])}
+                    )
+
+    def med(name, key):
+        vals = [s[key] for s in samples[name] if key in s]
+        return statistics.median(vals) if vals else float("nan")
+
+    print(
+        f"torch {torch.__version__}, torchvision {tv.__version__}, {args.threads} threads, "
+        f"{os.cpu_count()} CPUs; {len(images)} coco-mini val images x {args.runs} runs, "
+        f"detections per image: {sorted({s['detections'] for s in samples['maskrcnn']})} (ours) / "
+        f"{sorted({s['detections'] for s in samples['torchvision']})} (torchvision)"
+    )
+    print(f"command: {' '.join(sys.argv)}\n")
+    print("| stage | maskrcnn s (median) | torchvision s (median) | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for key in ("total", *STAGES):
+        a, b = med("maskrcnn", key), med("torchvision", key)
+        print(f"| {key} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+    print(f"| peak RSS (GiB) | {peak['maskrcnn']:.2f} | {peak['torchvision']:.2f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

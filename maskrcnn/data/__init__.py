@@ -1,0 +1,35 @@
+"""Data: COCO-format datasets (validated up front), synthetic shapes, joint transforms and loaders.
+
+Conventions: images are float RGB ``[3, H, W]`` in [0, 1]; boxes are xyxy float32 absolute pixels; sizes are
+``(h, w)``; label 0 is background and labels 1 .. K map to the dataset's sorted category ids.
+"""
+
+from maskrcnn.data.coco import CocoDataset, DatasetError, read_image
+from maskrcnn.data.loader import (
+    GroupedBatchSampler,
+    InferenceSampler,
+    TrainingSampler,
+    aspect_ratio_groups,
+    build_test_loader,
+    build_train_loader,
+    collate,
+)
+from maskrcnn.data.shapes import make_shapes_dataset
+from maskrcnn.data.transforms import Compose, RandomHorizontalFlip, ResizeShortestEdge
+
+__all__ = [
+    "CocoDataset",
+    "Compose",
+    "DatasetError",
+    "GroupedBatchSampler",
+    "InferenceSampler",
+    "RandomHorizontalFlip",
+    "ResizeShortestEdge",
+    "TrainingSampler",
+    "aspect_ratio_groups",
+    "build_test_loader",
+    "build_train_loader",
+    "collate",
+    "make_shapes_dataset",
+    "read_image",
+]

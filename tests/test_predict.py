@@ -1,0 +1,210 @@
+"""Prediction on image files (list_images, predict) and drawing (maskrcnn.visualize.draw_instances)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskrcnn.config import get_config
+from maskrcnn.engine.predict import list_images, load_image, predict
+from maskrcnn.modeling.build import build_model
+from maskrcnn.visualize import PALETTE, draw_instances
+
+
+def tiny_model(num_classes: int = 3, *, mask: bool = True):
+    cfg = get_config("R-18-FPN-small")
+    cfg.num_classes = num_classes
+    cfg.roi_heads.mask = mask
+    cfg.input.min_size, cfg.input.max_size = (48,), 64
+    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 100, 50
+    cfg.roi_heads.detections_per_img = 10
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def mask_model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def box_model():
+    return tiny_model(mask=False)
+
+
+def write_images(folder, sizes=((40, 48), (48, 32))) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    g = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = os.path.join(folder, f"im{i}.{'png' if i % 2 else 'jpg'}")
+        Image.fromarray((g.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# list_images
+# --------------------------------------------------------------------------------------------------
+
+
+def test_list_images_file_folder_glob_and_list(tmp_path):
+    paths = write_images(tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "sub").mkdir()
+    upper = tmp_path / "a" / "UPPER.JPEG"
+    Image.new("RGB", (8, 8)).save(upper, "JPEG")
+    assert list_images(str(tmp_path / "a")) == sorted(paths + [str(upper)])
+    assert list_images(paths[1]) == [paths[1]]
+    assert list_images(str(tmp_path / "a" / "*.png")) == [paths[1]]
+    assert list_images(str(tmp_path / "**" / "im*")) == paths
+    assert list_images([paths[1], str(tmp_path / "a")]) == [paths[1]] + sorted([paths[0], str(upper)])
+    (tmp_path / "empty").mkdir()
+    for spec in (str(tmp_path / "empty"), str(tmp_path / "nothing*.jpg"), str(tmp_path / "missing.jpg")):
+        with pytest.raises(FileNotFoundError, match="no image"):
+            list_images(spec)
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(path, exif=exif)
+    assert load_image(str(path)).size == (20, 30)
+    Image.new("L", (5, 7)).save(tmp_path / "gray.png")
+    assert load_image(str(tmp_path / "gray.png")).mode == "RGB"
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predict_folder_writes_drawings_and_json_and_skips_corrupt(tmp_path, capsys, mask_model):
+    paths = write_images(tmp_path / "in")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    model = mask_model
+    model.train()
+    out = tmp_path / "out"
+    entries = predict(
+        model,
+        str(tmp_path / "in"),
+        output_dir=str(out),
+        score_threshold=0.0,
+        class_names=["background", "cat", "dog"],
+        label_to_category_id={1: 3, 2: 7},
+        progress=False,
+    )
+    assert model.training  # mode restored
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 unreadable image(s) skipped" in err
+    assert sorted(os.listdir(out)) == ["im0.png", "im1.png", "predictions.json"]
+    for path, name in zip(paths, ("im0.png", "im1.png")):
+        with Image.open(out / name) as drawn, Image.open(path) as original:
+            assert drawn.size == original.size
+    written = json.loads((out / "predictions.json").read_text())
+    assert written == entries and entries, "an untrained model still gives low-score detections"
+    order = list_images(str(tmp_path / "in"))  # broken.jpg comes first: image_id is the index in this list
+    for e in entries:
+        assert e["file_name"] == order[e["image_id"]] and e["image_id"] in (1, 2)
+        assert e["category_id"] in (3, 7) and e["category_name"] == {3: "cat", 7: "dog"}[e["category_id"]]
+        with Image.open(e["file_name"]) as im:
+            assert e["segmentation"]["size"] == [im.height, im.width]
+        assert len(e["bbox"]) == 4 and 0.0 <= e["score"] <= 1.0
+
+
+def test_predict_glob_threshold_and_faster_rcnn(tmp_path, capsys, mask_model, box_model):
+    write_images(tmp_path / "in")
+    high = predict(
+        mask_model, str(tmp_path / "in" / "*.png"), output_dir=str(tmp_path / "o1"), score_threshold=2.0
+    )
+    assert high == [] and sorted(os.listdir(tmp_path / "o1")) == ["im1.png", "predictions.json"]
+    entries = predict(
+        box_model,
+        list_images(str(tmp_path / "in" / "*")),
+        output_dir=str(tmp_path / "o2"),
+        score_threshold=0.0,
+    )
+    assert entries and all("segmentation" not in e for e in entries)
+    assert {e["category_id"] for e in entries} <= {1, 2}  # labels when no mapping is given
+    assert "unreadable" not in capsys.readouterr().err
+
+
+def test_predict_same_stem_does_not_overwrite(tmp_path, mask_model):
+    a = write_images(tmp_path / "a", sizes=((32, 32),))
+    b = write_images(tmp_path / "b", sizes=((40, 40),))
+    predict(mask_model, a + b, output_dir=str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["im0.png", "im0_1.png", "predictions.json"]
+
+
+# --------------------------------------------------------------------------------------------------
+# draw_instances
+# --------------------------------------------------------------------------------------------------
+
+
+def test_draw_instances_changes_masked_pixels_only_near_instances():
+    h, w = 120, 160
+    image = torch.full((3, h, w), 0.5)
+    masks = torch.zeros(2, 1, h, w)
+    masks[0, 0, 60:100, 20:60] = 0.9
+    masks[1, 0, 70:110, 100:150] = 0.3  # below the mask threshold
+    boxes = torch.tensor([[20.0, 60.0, 60.0, 100.0], [100.0, 70.0, 150.0, 110.0]])
+    out = draw_instances(
+        image,
+        boxes=boxes,
+        labels=torch.tensor([1, 2]),
+        scores=torch.tensor([0.9, 0.8]),
+        masks=masks,
+        class_names=["background", "cat", "dog"],
+        alpha=0.5,
+    )
+    assert isinstance(out, Image.Image) and out.size == (w, h) and out.mode == "RGB"
+    pixels = np.asarray(out).astype(int)
+    expected = np.round(128 * 0.5 + np.asarray(PALETTE[0]) * 0.5)
+    np.testing.assert_allclose(pixels[80, 40], expected, atol=1)  # inside mask 0, away from the outline
+    assert (pixels[85, 125] == 128).all()  # inside box 1 but its mask is below the threshold
+    assert (pixels[5:50, 70:95] == 128).all()  # far from both instances
+    assert (pixels[:60, 20:60] != 128).any()  # the label is drawn above box 0
+
+
+def test_draw_instances_inputs_and_filters():
+    pil = Image.new("RGB", (50, 40), (10, 20, 30))
+    masks = np.zeros((1, 40, 50), dtype=bool)
+    masks[0, 10:20, 10:20] = True
+    boxes = np.array([[10.0, 10.0, 20.0, 20.0]])
+    kept = np.asarray(draw_instances(pil, boxes=boxes, labels=[1], scores=[0.4], masks=masks))
+    assert (kept[15, 15] != (10, 20, 30)).any()
+    dropped = draw_instances(pil, boxes=boxes, labels=[1], scores=[0.4], masks=masks, score_threshold=0.5)
+    assert (np.asarray(dropped) == np.asarray(pil)).all()
+    assert (np.asarray(pil) == (10, 20, 30)).all()  # input untouched
+    gt = draw_instances(pil, boxes=boxes, labels=[1])  # ground truth: no scores, no masks
+    assert gt.size == (50, 40)
+    empty = draw_instances(pil, boxes=torch.zeros(0, 4), labels=torch.zeros(0), scores=torch.zeros(0))
+    assert (np.asarray(empty) == np.asarray(pil)).all()
+    with pytest.raises(ValueError, match="masks"):
+        draw_instances(pil, boxes=boxes, labels=[1], scores=[1.0], masks=np.zeros((1, 8, 8)))
+
+
+def test_draw_instances_blends_exactly_the_thresholded_mask():
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(1, 1, 30, 40, generator=g)
+    out = np.asarray(
+        draw_instances(torch.zeros(3, 30, 40), boxes=torch.tensor([[0.0, 0.0, 1.0, 1.0]]), masks=prob)
+    )
+    changed = (out != 0).any(axis=2)
+    # away from the box outline in the corner, exactly the pixels with probability >= 0.5 are coloured
+    np.testing.assert_array_equal(changed[3:], (prob[0, 0, 3:] >= 0.5).numpy())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_on_cuda(tmp_path):
+    write_images(tmp_path / "in")
+    model = tiny_model().cuda()
+    entries = predict(model, str(tmp_path / "in"), output_dir=str(tmp_path / "out"), score_threshold=0.0)
+    assert entries and sorted(os.listdir(tmp_path / "out")) == ["im0.png", "im1.png", "predictions.json"]

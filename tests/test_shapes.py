@@ -1,0 +1,94 @@
+"""Tests of the synthetic shapes dataset: determinism, reuse, both segmentation kinds, consistency."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.data import CocoDataset, make_shapes_dataset
+
+SMALL = {"num_train": 10, "num_val": 4, "image_size": (128, 160)}
+
+
+def _files(root):
+    out = {}
+    for base, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return root, make_shapes_dataset(str(root), seed=0, **SMALL)
+
+
+def test_deterministic_bytes_and_seed_changes_them(shapes, tmp_path):
+    root, _ = shapes
+    make_shapes_dataset(str(tmp_path / "same"), seed=0, **SMALL)
+    make_shapes_dataset(str(tmp_path / "other"), seed=1, **SMALL)
+    a, b, c = _files(root), _files(tmp_path / "same"), _files(tmp_path / "other")
+    assert len(a) == 10 + 4 + 3 and a == b
+    assert a.keys() == c.keys()
+    images = [k for k in a if k.endswith(".png")]
+    assert sum(a[k] != c[k] for k in images) == len(images)
+
+
+def test_reused_when_complete_regenerated_otherwise(shapes, tmp_path):
+    root = tmp_path / "d"
+    paths = make_shapes_dataset(str(root), seed=0, **SMALL)
+    first = os.path.join(paths["train_images"], "0000001.png")
+    os.utime(first, (1, 1))
+    assert make_shapes_dataset(str(root), seed=0, **SMALL) == paths
+    assert os.path.getmtime(first) == 1  # reused, not rewritten
+    os.remove(os.path.join(paths["val_images"], "1000002.png"))
+    make_shapes_dataset(str(root), seed=0, **SMALL)  # incomplete: regenerated
+    assert _files(root) == _files(shapes[0])
+    make_shapes_dataset(str(root), seed=0, **{**SMALL, "num_val": 2})  # other parameters: regenerated
+    with open(root / "meta.json") as fh:
+        assert json.load(fh)["num_val"] == 2
+
+
+def test_loads_through_coco_dataset_with_consistent_masks(shapes):
+    _, paths = shapes
+    seen_kinds, labels = set(), set()
+    for split in ("train", "val"):
+        ds = CocoDataset(image_dir=paths[f"{split}_images"], annotation_file=paths[f"{split}_annotations"])
+        assert ds.category_ids == [1, 5, 9] and ds.class_names == [
+            "background",
+            "circle",
+            "square",
+            "triangle",
+        ]
+        seen_kinds |= {type(a["segmentation"]).__name__ for a in ds.coco.anns.values()}
+        for i in range(len(ds)):
+            image, target = ds[i]
+            assert image.shape == (3, 128, 160) and len(target["labels"]) >= 1
+            labels |= set(target["labels"].tolist())
+            union = torch.zeros(128, 160, dtype=torch.int64)
+            for box, mask in zip(target["boxes"], target["masks"]):
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                assert len(ys) >= 50
+                tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                assert box.tolist() == [float(v) for v in tight]
+                union += mask
+            assert int(union.max()) == 1  # visible masks do not overlap (occlusion applied)
+    assert seen_kinds == {"list", "dict"}  # polygons and compressed RLE
+    assert labels == {1, 2, 3}
+
+
+def test_occluded_shapes_stay_mostly_visible(shapes):
+    _, paths = shapes
+    with open(paths["train_annotations"]) as fh:
+        data = json.load(fh)
+    rles = [a for a in data["annotations"] if isinstance(a["segmentation"], dict)]
+    assert rles and all(isinstance(a["segmentation"]["counts"], str) for a in rles)
+    sizes = np.array([max(a["bbox"][2:]) for a in data["annotations"]])
+    assert sizes.min() >= 10 and sizes.max() <= 0.4 * 128 + 2
