@@ -150,7 +150,7 @@ class Config:
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
     seed: int = 0
     checkpoint_period: int = 1000  # iterations
-    keep_checkpoints: int = 3  # periodic checkpoints kept (the final one is always kept)
+    keep_checkpoints: int = 3  # periodic checkpoints kept (the final one is always kept; <= 0 keeps all)
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate at the end only
     init_backbone: str = ""  # torchvision ImageNet classification checkpoint file for the backbone

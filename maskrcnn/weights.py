@@ -25,6 +25,7 @@ __all__ = [
     "read_checkpoint",
     "load_state_dict_strict",
     "torchvision_to_maskrcnn",
+    "is_torchvision_maskrcnn",
     "CheckpointError",
 ]
 
@@ -127,8 +128,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
     }
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the complete new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_model(

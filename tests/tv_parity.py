@@ -1,4 +1,4 @@
-"""Shared by the torchvision-parity test and the script that makes its reference (tests/data/make_tv_reference.py).
+"""Shared by the torchvision-parity test and tests/data/make_tv_reference.py, which makes its reference.
 
 ``parity_weights(seed)`` draws a full ``tv-R-50-FPN`` state dict from a seed with a simple scheme that
 needs no torchvision (He-normal convs and linears, random BatchNorm statistics, a sharpened classifier so

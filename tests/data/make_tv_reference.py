@@ -58,7 +58,8 @@ def main():
             }
         )
         print(
-            f"{name}: {len(out['boxes'])} detections, scores {out['scores'].min():.3f}-{out['scores'].max():.3f}"
+            f"{name}: {len(out['boxes'])} detections, "
+            f"scores {out['scores'].min():.3f}-{out['scores'].max():.3f}"
         )
     torch.save(
         {

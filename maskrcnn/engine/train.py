@@ -1,0 +1,518 @@
+"""The training loop: :func:`train`, one explicit function from a :class:`~maskrcnn.config.Config` to
+checkpoints, metrics and a loss curve in ``cfg.output_dir``.
+
+Files written (by rank 0)::
+
+    config.yaml          the effective config (readable by maskrcnn.config.load_config_file)
+    metrics.jsonl        one JSON object per line: every cfg.log_period iterations {"iteration", "lr",
+                         "loss", "loss_*", "time", "data_time"} (averages over the window and the
+                         processes; times in seconds per iteration), and {"iteration", "eval": {...}}
+    loss_curve.png       the losses of metrics.jsonl, redrawn at each checkpoint and at the end
+    model_{iter:07d}.pt  periodic checkpoints (the last cfg.keep_checkpoints are kept), model_final.pt
+    last_checkpoint      the name of the newest checkpoint; train(cfg, resume=True) continues from it
+
+Choices, stated once: SGD with momentum and the same weight decay on every trainable parameter (norm
+layers and biases included, as torchvision's reference scripts; the frozen BatchNorms have no trainable
+parameters); the learning rate of ``cfg.solver.lr`` (linear scaling rule) with the warmup and decay of
+:mod:`maskrcnn.engine.schedule`; an iteration is one batch of ``cfg.solver.ims_per_batch`` images over all
+processes. A run resumed with ``resume=True`` is bit-identical to an uninterrupted one on the same
+hardware (weights, optimizer and scheduler state, RNG states of every process, data order).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from maskrcnn.config import Config
+from maskrcnn.engine import distributed
+from maskrcnn.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, unwrap
+from maskrcnn.engine.plot import plot_loss_curve, read_metrics
+from maskrcnn.engine.schedule import build_scheduler
+from maskrcnn.weights import (
+    CheckpointError,
+    is_torchvision_maskrcnn,
+    load_state_dict_strict,
+    read_checkpoint,
+    torchvision_to_maskrcnn,
+)
+
+__all__ = ["AMP_MODES", "CLASS_SPECIFIC_PREFIXES", "load_backbone_weights", "load_init_weights", "train"]
+
+logger = logging.getLogger(__name__)
+
+AMP_MODES = {"off": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# parameters whose shape depends on num_classes: re-initialised when fine-tuning to other classes
+CLASS_SPECIFIC_PREFIXES = (
+    "roi_heads.box_predictor.",  # cls_score, bbox_pred
+    "roi_heads.mask_predictor.mask_fcn_logits.",  # FCN and C4 mask heads
+    "roi_heads.mask_predictor.fc_logits.",  # MLP mask head
+)
+
+
+def train(cfg: Config, *, resume: bool = False, dataset=None, model=None, val_dataset=None) -> dict:
+    """Train a Mask R-CNN as ``cfg`` says; returns ``{"iteration", "losses", "eval", "final_checkpoint",
+    "output_dir", "metrics", "loss_curve", "config"}`` (losses: the last logged averages).
+
+    ``dataset`` (training) and ``val_dataset`` default to :class:`~maskrcnn.data.coco.CocoDataset` built
+    from ``cfg.data``; ``model`` to ``build_model(cfg.model)`` with the ``cfg.init_backbone`` /
+    ``cfg.init_weights`` initialisation. ``resume=True`` continues from ``output_dir/last_checkpoint``
+    (from scratch if there is none). Launched by ``torchrun``, each process trains on its share of every
+    batch and gradients are averaged (DistributedDataParallel).
+    """
+    cfg = copy.deepcopy(cfg)
+    owns_group = not distributed.is_distributed()
+    rank, world_size, _, device = distributed.init_distributed(cfg.device)
+    try:
+        return _train(cfg, rank, world_size, device, resume, dataset, model, val_dataset)
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+def _train(cfg: Config, rank, world_size, device, resume, dataset, model, val_dataset) -> dict:
+    solver = cfg.solver
+    main = rank == 0
+    _check_config(cfg, world_size, device)
+    amp_dtype = AMP_MODES[solver.amp]
+    per_process_batch = solver.ims_per_batch // world_size
+    seed_everything(cfg.seed + rank)
+    out = cfg.output_dir
+    checkpointer = Checkpointer(out, keep=cfg.keep_checkpoints)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    curve_path = os.path.join(out, "loss_curve.png")
+    resume_path = checkpointer.latest() if resume and os.path.isdir(out) else None
+    if resume and resume_path is None:
+        logger.info("resume: no checkpoint in %s; starting from scratch", out)
+    if not resume and main and os.path.isfile(os.path.join(out, "last_checkpoint")):
+        logger.warning("%s holds a previous run; starting a new one (resume=True continues it)", out)
+
+    # data: broken records stop the run here, before any training
+    if dataset is None:
+        dataset = build_train_dataset(cfg)
+    if val_dataset is None and cfg.data.val_annotations:
+        val_dataset = build_val_dataset(cfg)
+    _check_classes(cfg, dataset, val_dataset, model)
+
+    # model, optimizer, schedule
+    if model is None:
+        from maskrcnn.modeling.build import build_model
+
+        model = build_model(cfg.model)
+        if resume_path is None:  # a resumed run gets its weights from the checkpoint
+            if cfg.init_backbone:
+                load_backbone_weights(model, cfg.init_backbone)
+            if cfg.init_weights:
+                load_init_weights(model, cfg.init_weights)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay
+    )
+    scheduler = build_scheduler(optimizer, solver)
+    scaler = torch.amp.GradScaler(device.type) if solver.amp == "float16" else None
+    start_iter = 0
+    if resume_path is not None:
+        start_iter, _ = checkpointer.load_for_resume(
+            resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=rank
+        )
+        logger.info("resumed from %s at iteration %d", resume_path, start_iter)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+    logger.info(
+        "training %d iterations on %d process(es) x %d image(s), lr %.4g (base_lr %.4g x %d / %d), %s",
+        solver.max_iter,
+        world_size,
+        per_process_batch,
+        solver.lr,
+        solver.base_lr,
+        solver.ims_per_batch,
+        solver.reference_batch,
+        device,
+    )
+
+    if main:
+        os.makedirs(out, exist_ok=True)
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        _start_metrics(metrics_path, keep_up_to=start_iter if resume_path else None)
+
+    from maskrcnn.data.loader import build_train_loader
+
+    loader = build_train_loader(
+        dataset,
+        batch_size=per_process_batch,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        start_iter=start_iter,
+        aspect_ratio_grouping=hasattr(dataset, "image_info"),
+    )
+    with preserved_rng():  # starting workers must not move the training RNG streams
+        batches = iter(loader)
+
+    def save(name: str, iteration: int) -> str:
+        # a finite loss can still give non-finite weights (an overflowing gradient): never save those
+        bad = [n for n, p in unwrap(model).named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite weights after iteration {iteration} ({', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}); training stopped, {name} not written. Last good "
+                f"checkpoint: {last_good or 'none (none written yet)'}"
+            )
+        rng = distributed.all_gather_objects(capture_rng_state())  # collective: every rank calls save
+        path = checkpointer.path(name)
+        if main:
+            checkpointer.save(
+                name,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                iteration=iteration,
+                extra={"seed": cfg.seed, "world_size": world_size},
+                rng_states=rng,
+            )
+            plot_loss_curve(read_metrics(metrics_path), curve_path)
+        return path
+
+    def run_eval(iteration: int, name: str) -> dict:
+        from maskrcnn.engine.evaluate import evaluate
+
+        with preserved_rng():
+            result = evaluate(
+                unwrap(model),
+                val_dataset,
+                batch_size=per_process_batch,
+                num_workers=cfg.data.num_workers,
+                output_dir=os.path.join(out, name),
+                progress=main,
+            )
+        model.train()
+        if main:
+            _append_jsonl(metrics_path, {"iteration": iteration, "eval": result})
+        return result
+
+    # the loop
+    model.train()
+    last_good = resume_path  # the newest checkpoint known to hold finite weights
+    window = _Window()
+    logged: dict = {}
+    progress = _progress_bar(solver.max_iter, start_iter, enabled=main)
+    end = time.perf_counter()
+    try:
+        for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
+            images, targets = next(batches)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+            data_time = time.perf_counter() - end
+
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            values = distributed.all_reduce_mean(
+                {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
+            )
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(
+                    f"non-finite loss at iteration {iteration}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                    + "; training stopped, no checkpoint written. Last good checkpoint: "
+                    + (last_good if last_good else "none (none written yet)")
+                    + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
+                )
+
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if solver.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if solver.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                optimizer.step()
+            scheduler.step()
+
+            window.add(values, time=time.perf_counter() - end, data_time=data_time)
+            progress.set_postfix_str(_postfix(values, lr), refresh=False)
+            progress.update(1)
+            if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
+                logged = window.summary()  # collective: every rank logs at the same iterations
+                if main:
+                    _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
+                window = _Window()
+            if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
+                if iteration < solver.max_iter:
+                    last_good = save(Checkpointer.periodic_name(iteration), iteration)
+            if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
+                if val_dataset is not None:
+                    run_eval(iteration, f"eval_{iteration:07d}")
+            end = time.perf_counter()
+    finally:
+        progress.close()
+
+    if start_iter < solver.max_iter or resume_path is None:
+        final = save("model_final", solver.max_iter)
+    else:
+        final = resume_path
+        logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
+    results = run_eval(solver.max_iter, "eval_final") if val_dataset is not None else None
+    if main:
+        plot_loss_curve(read_metrics(metrics_path), curve_path)
+    distributed.barrier()
+    return {
+        "iteration": max(start_iter, solver.max_iter),
+        "losses": {k: v for k, v in logged.items() if k.startswith("loss")},
+        "eval": results,
+        "final_checkpoint": final,
+        "output_dir": out,
+        "metrics": metrics_path,
+        "loss_curve": curve_path,
+        "config": os.path.join(out, "config.yaml"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_config(cfg: Config, world_size: int, device: torch.device) -> None:
+    solver = cfg.solver
+    if solver.amp not in AMP_MODES:
+        raise ValueError(f"solver.amp must be one of {sorted(AMP_MODES)}, got {solver.amp!r}")
+    if solver.amp != "off" and device.type != "cuda":
+        raise ValueError(
+            f"solver.amp={solver.amp!r} needs a CUDA device, this run is on {device}: set solver.amp=off"
+        )
+    if solver.ims_per_batch < 1 or solver.ims_per_batch % world_size:
+        raise ValueError(
+            f"solver.ims_per_batch={solver.ims_per_batch} must be a positive multiple of the number of "
+            f"processes ({world_size})"
+        )
+    if solver.max_iter < 0 or cfg.log_period < 1 or cfg.checkpoint_period < 0 or cfg.eval_period < 0:
+        raise ValueError(
+            "need solver.max_iter >= 0, log_period >= 1, checkpoint_period >= 0 and eval_period >= 0; got "
+            f"{solver.max_iter}, {cfg.log_period}, {cfg.checkpoint_period}, {cfg.eval_period}"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def preserved_rng():
+    """Run a block without moving the torch / NumPy / Python RNG streams of the training loop."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+def build_train_dataset(cfg: Config):
+    """The training :class:`~maskrcnn.data.coco.CocoDataset` of ``cfg.data`` with the random flip."""
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.transforms import RandomHorizontalFlip
+
+    d = cfg.data
+    if not d.train_images or not d.train_annotations:
+        raise ValueError("set data.train_images and data.train_annotations (or pass a dataset)")
+    return CocoDataset(
+        image_dir=d.train_images,
+        annotation_file=d.train_annotations,
+        filter_empty=d.filter_empty,
+        skip_bad=d.skip_bad_records,
+        transforms=RandomHorizontalFlip(d.horizontal_flip),
+    )
+
+
+def build_val_dataset(cfg: Config):
+    from maskrcnn.data.coco import CocoDataset
+
+    d = cfg.data
+    if not d.val_images:
+        raise ValueError("data.val_annotations is set but data.val_images is not")
+    return CocoDataset(image_dir=d.val_images, annotation_file=d.val_annotations, skip_bad=d.skip_bad_records)
+
+
+def _check_classes(cfg: Config, dataset, val_dataset, model) -> None:
+    """Make ``cfg.model.num_classes`` the dataset's (logged), or fail when an injected model differs."""
+    num_classes = getattr(dataset, "num_classes", None)
+    if model is not None:
+        model_cfg = getattr(unwrap(model), "config", None)
+        if model_cfg is not None:
+            cfg.model = copy.deepcopy(model_cfg)
+        if num_classes is not None and cfg.model.num_classes != num_classes:
+            raise ValueError(
+                f"the model predicts {cfg.model.num_classes} classes but the dataset has {num_classes} "
+                "(both including the background)"
+            )
+    elif num_classes is not None and cfg.model.num_classes != num_classes:
+        logger.warning(
+            "model.num_classes=%d does not match the dataset's %d classes (%d categories + background): "
+            "using %d",
+            cfg.model.num_classes,
+            num_classes,
+            num_classes - 1,
+            num_classes,
+        )
+        cfg.model.num_classes = num_classes
+    train_ids = getattr(dataset, "category_ids", None)
+    val_ids = getattr(val_dataset, "category_ids", None)
+    if train_ids is not None and val_ids is not None and list(train_ids) != list(val_ids):
+        raise ValueError(
+            f"the training and validation sets have different categories ({list(train_ids)[:10]} vs "
+            f"{list(val_ids)[:10]}): labels would not mean the same classes"
+        )
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> None:
+    """Initialise the backbone from a torchvision ImageNet classifier checkpoint (``resnet50-*.pth`` ...):
+    the ResNet body of an FPN model, or the res2-res4 trunk and the res5 RoI head of a C4 model."""
+    from maskrcnn.modeling.backbone import load_imagenet_checkpoint
+
+    state_dict = read_checkpoint(path)
+    net = unwrap(model)
+    try:
+        if net.config.backbone.kind == "fpn":
+            load_imagenet_checkpoint(net.backbone.body, state_dict)
+        else:
+            load_imagenet_checkpoint(net.backbone, state_dict, ignore=("fc.", "layer4."))
+            load_imagenet_checkpoint(net.roi_heads.box_head.res5, state_dict, prefix="layer4.")
+    except ValueError as e:
+        raise CheckpointError(f"init_backbone {path}: {e}") from e
+    logger.info("backbone initialised from %s", path)
+
+
+def load_init_weights(model: nn.Module, path: str) -> list[str]:
+    """Fine-tuning initialisation from a trained checkpoint (ours or torchvision's Mask R-CNN).
+
+    Every weight must match the model, except the class-specific layers (:data:`CLASS_SPECIFIC_PREFIXES`)
+    when their shape differs (another number of classes): those keep their fresh initialisation, and a
+    message names them. Any other missing, unexpected or mis-shaped key raises a ``CheckpointError``
+    naming it, and nothing is loaded. Returns the names of the re-initialised parameters.
+    """
+    data = read_checkpoint(path)
+    if data.get("format") == "maskrcnn":
+        state_dict = dict(data["model"])
+    elif is_torchvision_maskrcnn(data):
+        state_dict = torchvision_to_maskrcnn(data)
+    else:
+        raise CheckpointError(f"init_weights {path}: not a maskrcnn or torchvision Mask R-CNN checkpoint")
+    net = unwrap(model)
+    own = net.state_dict()
+    reinit = [
+        k
+        for k, v in own.items()
+        if k.startswith(CLASS_SPECIFIC_PREFIXES) and k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if reinit:
+        logger.warning(
+            "init_weights %s: re-initialised the class-specific layers whose shape differs "
+            "(checkpoint -> model): %s",
+            path,
+            ", ".join(f"{k} {tuple(state_dict[k].shape)} -> {tuple(own[k].shape)}" for k in reinit),
+        )
+        state_dict.update({k: own[k] for k in reinit})
+    load_state_dict_strict(net, state_dict, source=f"init_weights {path}")
+    logger.info("initialised from %s", path)
+    return reinit
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write ``cfg`` as YAML (tuples as lists), atomically."""
+    import yaml
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(plain(dataclasses.asdict(cfg)), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _to(value, device: torch.device):
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+class _Window:
+    """Sums of the per-iteration values since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float], **timings: float) -> None:
+        for k, v in {**values, **timings}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def summary(self) -> dict[str, float]:
+        """Window means; the timings are also averaged over the processes (losses already are)."""
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        timings = distributed.all_reduce_mean({k: means[k] for k in ("time", "data_time") if k in means})
+        return {**means, **timings}
+
+
+def _start_metrics(path: str, keep_up_to: int | None) -> None:
+    """A fresh ``metrics.jsonl``, or (resuming at ``keep_up_to``) the old one without the records of
+    iterations after the checkpoint, which the resumed run writes again."""
+    records = []
+    if keep_up_to is not None:
+        records = [r for r in read_metrics(path) if r.get("iteration", 0) <= keep_up_to]
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _postfix(values: dict[str, float], lr: float) -> str:
+    parts = [f"loss {values['loss']:.3f}"]
+    parts += [f"{k.removeprefix('loss_')} {v:.3f}" for k, v in values.items() if k.startswith("loss_")]
+    return " ".join(parts) + f" lr {lr:.3g}"
