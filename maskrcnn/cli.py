@@ -152,7 +152,7 @@ def cmd_configs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrcnn",
-        description="Mask R-CNN in plain PyTorch: train on COCO-format data, measure COCO AP, segment images.",
+        description="Mask R-CNN in plain PyTorch: train on COCO-format data, measure COCO AP, segment.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -88,6 +88,7 @@ class RoIHeadsConfig:
     detections_per_img: int = 100
     mask: bool = True  # False: Faster R-CNN
     mask_head: str = "fcn"  # "fcn" (four 3x3 convs + deconv) or "mlp" (paper Table 2e)
+    mask_head_channels: int = 256  # width of the FCN mask head's convs and deconv
     mask_loss: str = "sigmoid"  # "sigmoid" (per-class binary) or "softmax" (multinomial, Table 2b)
     class_agnostic_mask: bool = False
 

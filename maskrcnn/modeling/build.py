@@ -88,9 +88,10 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         if hc.mask:
             mask_pooler = pooler(hc.mask_pool_size)
             if hc.mask_head == "fcn":
-                mask_head = MaskRCNNHeads(in_channels=channels)
+                mask_head = MaskRCNNHeads(in_channels=channels, layers=(hc.mask_head_channels,) * 4)
                 mask_predictor = MaskRCNNPredictor(
                     in_channels=mask_head.out_channels,
+                    dim_reduced=hc.mask_head_channels,
                     num_classes=cfg.num_classes,
                     class_agnostic=hc.class_agnostic_mask,
                 )
