@@ -286,8 +286,7 @@ def test_checkpointer_save_is_atomic(tmp_path, monkeypatch):
     real_save = torch.save
 
     def failing_save(obj, f, *args, **kwargs):  # dies half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")
         raise OSError("no space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
