@@ -11,9 +11,10 @@ torchvision's pure-PyTorch RoIAlign (``torchvision.ops.roi_align._roi_align``).
     /tmp/tvref-venv/bin/python benchmarks/ops.py [--runs 5] [--threads 2]
 
 Time: median (min-max) seconds of --runs after one warm-up. Peak memory: the rise of the process's peak
-RSS (VmHWM, reset before each measurement) over its RSS with the inputs allocated, for one call, beside
-the output size (and, for forward + backward, the input gradient size, which every implementation
-allocates).
+RSS (VmHWM, reset before each measurement, after returning freed heap memory to the OS with malloc_trim)
+over its RSS with the inputs allocated, for one call, beside the output size (and, for forward +
+backward, the input gradient size, which every implementation allocates; zero-filled pages that are never
+written may not count, so RSS can understate what an implementation allocates).
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def _reset_peak() -> None:
 
 
 def _peak_extra_mib(fn) -> float:
+    import ctypes
     import gc
 
     gc.collect()
+    try:  # hand freed heap memory back to the OS, so that reuse of it shows in the RSS again
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     _reset_peak()
     base = _status_kib("VmRSS")
     fn()

@@ -65,7 +65,7 @@ class MaskRCNN(nn.Module):
             _check_targets(targets, len(images))
         resized, targets = self.transform.resize(images, targets)
         if self.training:
-            _, losses = self._detect(self.transform.pad(resized), targets)
+            _, losses = self._detect(self.transform.pad(resized, channels_last=self.fast_inference), targets)
             return losses
         # Inference batches only images of the same padded size: zero padding changes the features near
         # the border, so this is what makes a result independent of the other images in the call.
@@ -74,7 +74,7 @@ class MaskRCNN(nn.Module):
             groups.setdefault(self.transform.padded_size(tuple(im.shape[-2:])), []).append(i)
         results: list[dict] = [{} for _ in images]
         for members in groups.values():
-            batch = self.transform.pad([resized[i] for i in members])
+            batch = self.transform.pad([resized[i] for i in members], channels_last=self.fast_inference)
             detections, _ = self._detect(batch, None)
             originals = [(int(images[i].shape[-2]), int(images[i].shape[-1])) for i in members]
             for i, det in zip(members, self.transform.postprocess(detections, batch.image_sizes, originals)):
@@ -82,8 +82,7 @@ class MaskRCNN(nn.Module):
         return results
 
     def _detect(self, batch: ImageBatch, targets: list[dict] | None) -> tuple[list[dict], dict[str, Tensor]]:
-        layout = torch.channels_last if self.fast_inference else torch.contiguous_format
-        features = self.backbone(batch.tensor.contiguous(memory_format=layout))
+        features = self.backbone(batch.tensor)  # NHWC in memory in fast mode (see set_fast_inference)
         proposals, rpn_losses = self.rpn(
             features=[features[k] for k in self.rpn_features],
             image_size=batch.padded_size,

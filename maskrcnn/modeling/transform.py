@@ -126,11 +126,14 @@ class ImageTransform(nn.Module):
         stride = self.size_divisible
         return int(math.ceil(size[0] / stride) * stride), int(math.ceil(size[1] / stride) * stride)
 
-    def pad(self, images: list[Tensor]) -> ImageBatch:
-        """Zero-pad resized images (bottom/right) into one ``[N, 3, H, W]`` batch."""
+    def pad(self, images: list[Tensor], *, channels_last: bool = False) -> ImageBatch:
+        """Zero-pad resized images (bottom/right) into one ``[N, 3, H, W]`` batch (NHWC memory if asked)."""
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         ph, pw = self.padded_size((max(s[0] for s in sizes), max(s[1] for s in sizes)))
-        batch = images[0].new_zeros((len(images), 3, ph, pw))
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        batch = torch.empty(
+            (len(images), 3, ph, pw), dtype=images[0].dtype, device=images[0].device, memory_format=layout
+        ).zero_()
         for i, im in enumerate(images):
             batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         return ImageBatch(batch, sizes)

@@ -203,11 +203,12 @@ def _channel_blocks(channels: int, cells: int, bags: int, channels_last: bool) -
     """Channel ranges to process at a time.
 
     Channels-last input is used in place (one block). NCHW input must be copied to channels-last rows;
-    copying it in channel blocks keeps that temporary no larger than about the output.
+    copying it in channel blocks keeps that temporary (and the per-block results) at about a quarter of
+    the output, or 1M elements for small outputs.
     """
     if channels_last:
         return [(0, channels)]
-    budget = max(bags * channels, 1 << 22)  # elements
+    budget = max(bags * channels // 4, 1 << 20)  # elements
     per_block = max(1, min(channels, budget // max(cells, 1)))
     return [(c0, min(c0 + per_block, channels)) for c0 in range(0, channels, per_block)]
 
@@ -230,10 +231,16 @@ class _BagSum(torch.autograd.Function):
     def forward(ctx, input: Tensor, index: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
         n, c, h, w = input.shape
         channels_last = _is_channels_last(input)
-        out = input.new_empty(offsets.numel(), c)
-        for c0, c1 in _channel_blocks(c, n * h * w, offsets.numel(), channels_last):
-            rows = _channels_last_rows(input[:, c0:c1])
-            out[:, c0:c1] = F.embedding_bag(index, rows, offsets, mode="sum", per_sample_weights=weight)
+        blocks = _channel_blocks(c, n * h * w, offsets.numel(), channels_last)
+        if len(blocks) == 1:  # no copy of the result
+            out = F.embedding_bag(
+                index, _channels_last_rows(input), offsets, mode="sum", per_sample_weights=weight
+            )
+        else:
+            out = input.new_empty(offsets.numel(), c)
+            for c0, c1 in blocks:
+                rows = _channels_last_rows(input[:, c0:c1])
+                out[:, c0:c1] = F.embedding_bag(index, rows, offsets, mode="sum", per_sample_weights=weight)
         ctx.save_for_backward(index, weight, offsets)
         ctx.input_shape = input.shape
         ctx.channels_last = channels_last
