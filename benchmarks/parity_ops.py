@@ -72,7 +72,7 @@ def main() -> int:
                         ref = tv.ops.roi_align(x, rois, size, scale, sr, aligned)
                         mine = roi_align(x, rois, size, scale, sr, aligned)
                         g = torch.randn(ref.shape, generator=gen, dtype=dtype)
-                        (gr,) = torch.autograd.grad(ref, x, g)
+                        (gr,) = torch.autograd.grad(ref, x, g, retain_graph=True)
                         (gm,) = torch.autograd.grad(mine, x, g)
                         # the same adjoint applied to |g|: the sum of |terms| each gradient entry adds up
                         (terms,) = torch.autograd.grad(ref, x, g.abs())
