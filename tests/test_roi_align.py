@@ -324,12 +324,17 @@ def test_channel_blocks_give_the_same_numbers(monkeypatch):
     rois = random_rois(15, 2, 9, 11, 1.0, g)
     grad_out = torch.randn(15, 5, 3, 3, generator=g, dtype=torch.float64)
     results = []
-    for blocks in (None, [(0, 2), (2, 3), (3, 5)]):
+    cases = [(None, False), ([(0, 2), (2, 3), (3, 5)], False), ([(0, 1), (1, 5)], True)]
+    for blocks, channels_last in cases:
         if blocks is not None:
             monkeypatch.setattr(mod, "_channel_blocks", lambda *a, b=blocks: b)
-        xi = x.clone().requires_grad_()
+        xi = x.clone()
+        if channels_last:  # channels-last input: blocks only split the backward's per-cell sums
+            xi = xi.to(memory_format=torch.channels_last)
+        xi.requires_grad_()
         out = roi_align(xi, rois, 3, 1.0, -1, True)
         out.backward(grad_out)
         results.append((out.detach(), xi.grad))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    for out, grad in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=0, atol=0)

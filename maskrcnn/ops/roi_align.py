@@ -269,11 +269,12 @@ class _BagSum(torch.autograd.Function):
         if not ctx.channels_last:
             starts = torch.arange(n + 1, device=unique.device) * (h * w)
             bounds = torch.searchsorted(unique, starts).tolist()
-        for c0, c1 in _channel_blocks(c, n * h * w, num_bags, ctx.channels_last):
+        # per-cell sums are [touched cells, block]: channel blocks bound them whatever the input layout
+        for c0, c1 in _channel_blocks(c, n * h * w, num_bags, False):
             g = grad_out[:, c0:c1].contiguous()
             summed = F.embedding_bag(bag, g, cell_offsets, mode="sum", per_sample_weights=pair_weight)
             if ctx.channels_last:
-                grad.permute(0, 2, 3, 1).reshape(n * h * w, c).index_copy_(0, unique, summed)
+                grad.permute(0, 2, 3, 1).reshape(n * h * w, c)[:, c0:c1].index_copy_(0, unique, summed)
                 continue
             for b in range(n):  # write the [U, C] rows straight into the NCHW gradient, image by image
                 lo, hi = bounds[b], bounds[b + 1]
