@@ -25,6 +25,7 @@ __all__ = [
     "read_checkpoint",
     "load_state_dict_strict",
     "torchvision_to_maskrcnn",
+    "maskrcnn_to_torchvision",
     "is_torchvision_maskrcnn",
     "CheckpointError",
 ]
@@ -32,12 +33,26 @@ __all__ = [
 FORMAT = "maskrcnn"
 VERSION = 1
 
-# torchvision key -> ours; everything else has the same name
+# torchvision key -> ours, and back; everything else has the same name
 _TORCHVISION_RENAMES = (
     (r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.", r"backbone.fpn.\1.\2."),
     (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
     (r"^roi_heads\.mask_head\.(\d+)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}."),
 )
+_TO_TORCHVISION = (
+    (r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.", r"backbone.fpn.\1.\2.0."),
+    (r"^rpn\.head\.conv\.", "rpn.head.conv.0.0."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.", lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0."),
+)
+
+
+def _rename(state_dict: Mapping[str, Tensor], rules) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
 
 
 class CheckpointError(ValueError):
@@ -92,12 +107,12 @@ def is_torchvision_maskrcnn(state_dict: Mapping[str, Tensor]) -> bool:
 
 def torchvision_to_maskrcnn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename torchvision Mask R-CNN keys to this package's (see ``_TORCHVISION_RENAMES``)."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _TORCHVISION_RENAMES:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return _rename(state_dict, _TORCHVISION_RENAMES)
+
+
+def maskrcnn_to_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`torchvision_to_maskrcnn` (e.g. to run our weights in torchvision)."""
+    return _rename(state_dict, _TO_TORCHVISION)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -14,7 +14,6 @@ from maskrcnn.modeling.mask_head import (
     MaskRCNNHeads,
     MaskRCNNPredictor,
     MLPMaskHead,
-    rename_torchvision_mask_head_keys,
 )
 from maskrcnn.modeling.poolers import MultiLevelPooler
 from maskrcnn.modeling.roi_heads import RoIHeads
@@ -449,17 +448,3 @@ def test_torchvision_key_names():
         "mask_head.mask_fcn2.bias",
     ):
         assert k in keys
-    # torchvision stores the mask tower as mask_head.{i}.0.{weight,bias}: loads directly, or renamed
-    tv_style = {}
-    for k, v in heads.state_dict().items():
-        if k.startswith("mask_head.mask_fcn"):  # mask_head.mask_fcn{i+1}.weight -> mask_head.{i}.0.weight
-            layer, param = k[len("mask_head.mask_fcn") :].split(".")
-            k = f"mask_head.{int(layer) - 1}.0.{param}"
-        tv_style[k] = v
-    assert "mask_head.0.0.weight" in tv_style and "mask_head.mask_fcn1.weight" not in tv_style
-    renamed = rename_torchvision_mask_head_keys(tv_style, prefix="mask_head.")
-    assert set(renamed) == keys
-    other = fpn_heads()
-    other.load_state_dict({k: v.clone() for k, v in tv_style.items()}, strict=True)
-    for k, v in heads.state_dict().items():
-        assert torch.equal(other.state_dict()[k], v)

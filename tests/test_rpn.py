@@ -69,28 +69,6 @@ def test_head_shapes_and_init():
     assert [tuple(t.shape) for t in deep(make_features())[1]] == [(2, 12, 16, 16), (2, 12, 8, 8)]
 
 
-def test_head_loads_torchvision_keys():
-    torch.manual_seed(0)
-    src = RPNHead(in_channels=C, num_anchors=NUM_ANCHORS)
-    renamed = {
-        k.replace("conv.", "conv.0.0.") if k.startswith("conv.") else k: v
-        for k, v in src.state_dict().items()
-    }
-    assert "conv.0.0.weight" in renamed
-    dst = RPNHead(in_channels=C, num_anchors=NUM_ANCHORS)
-    dst.load_state_dict(renamed)
-    assert torch.equal(dst.conv.weight, src.conv.weight)
-
-    deep_src = RPNHead(in_channels=C, num_anchors=NUM_ANCHORS, num_convs=2)
-    tv_keys = {
-        (f"conv.{k.split('.')[1]}.0.{k.split('.')[2]}" if k.startswith("conv.") else k): v
-        for k, v in deep_src.state_dict().items()
-    }
-    deep_dst = RPNHead(in_channels=C, num_anchors=NUM_ANCHORS, num_convs=2)
-    deep_dst.load_state_dict(tv_keys)
-    assert torch.equal(deep_dst.conv[1].weight, deep_src.conv[1].weight)
-
-
 def test_flatten_head_outputs_matches_anchor_order():
     n, a, h, w = 2, 3, 4, 5
     logits = torch.randn(n, a, h, w)

@@ -46,21 +46,11 @@ def parity_weights(seed: int = SEED) -> dict[str, torch.Tensor]:
     return out
 
 
-_TO_TORCHVISION = (
-    (r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.", r"backbone.fpn.\1.\2.0."),
-    (r"^rpn\.head\.conv\.", "rpn.head.conv.0.0."),
-    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.", lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0."),
-)
-
-
 def to_torchvision(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This package's names -> torchvision's ``maskrcnn_resnet50_fpn`` names (inverse of the loader's map)."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _TO_TORCHVISION:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    """This package's names -> torchvision's ``maskrcnn_resnet50_fpn`` names."""
+    from maskrcnn.weights import maskrcnn_to_torchvision
+
+    return maskrcnn_to_torchvision(state_dict)
 
 
 def mask_probe(boxes: torch.Tensor, size: tuple[int, int], seed: int = SEED) -> torch.Tensor:

@@ -420,10 +420,6 @@ def make_res5(
     return res5
 
 
-def _is_counter(key: str) -> bool:
-    return key.endswith("num_batches_tracked")
-
-
 def load_imagenet_checkpoint(
     module: nn.Module,
     state_dict: Mapping[str, Tensor],
@@ -436,41 +432,15 @@ def load_imagenet_checkpoint(
     Keys starting with ``prefix`` are used with the prefix removed (others are ignored when a prefix is
     given); keys starting with any of ``ignore`` (default: the classifier's ``fc.*``) and all
     ``num_batches_tracked`` counters are dropped. Every other key must match the module's state dict in name
-    and shape: otherwise a ``ValueError`` lists the missing, unexpected and wrongly-shaped keys and nothing
-    is loaded. For a C4 backbone pass ``ignore=("fc.", "layer4.")`` and load res5 separately with
-    ``prefix="layer4."``.
+    and shape: otherwise a ``CheckpointError`` (a ``ValueError``) lists the missing, unexpected and
+    wrongly-shaped keys and nothing is loaded. For a C4 backbone pass ``ignore=("fc.", "layer4.")`` and
+    load res5 separately with ``prefix="layer4."``.
     """
+    from maskrcnn.weights import load_state_dict_strict
+
     ignore = tuple(ignore)
-    sd: dict[str, Tensor] = {}
+    sd = {}
     for k, v in state_dict.items():
-        if not k.startswith(prefix):
-            continue
-        k = k[len(prefix) :]
-        if _is_counter(k) or (ignore and k.startswith(ignore)):
-            continue
-        sd[k] = v
-    own = {k: v for k, v in module.state_dict().items() if not _is_counter(k)}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint does not match {type(module).__name__} (nothing loaded): "
-            f"missing keys {_short(missing)}; unexpected keys {_short(unexpected)}; "
-            f"wrong shapes {_short(shapes)}"
-        )
-    result = module.load_state_dict(sd, strict=False)
-    leftover = [k for k in result.missing_keys if not _is_counter(k)] + list(result.unexpected_keys)
-    if leftover:  # cannot happen after the checks above; never load partially without saying so
-        raise RuntimeError(f"incomplete checkpoint load: {leftover}")
-
-
-def _short(keys: Sequence[str], n: int = 20) -> str:
-    if not keys:
-        return "[]"
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return "[" + ", ".join(keys[:n]) + more + "]"
+        if k.startswith(prefix) and not (ignore and k[len(prefix) :].startswith(ignore)):
+            sd[k[len(prefix) :]] = v
+    load_state_dict_strict(module, sd, source="ImageNet checkpoint")

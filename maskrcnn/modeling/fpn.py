@@ -3,19 +3,9 @@
 ``FPN`` turns ``{"c2".."c5"}`` (strides 4..32) into ``{"p2".."p5"}`` with ``out_channels`` (256) channels
 each, plus ``"p6"`` (stride 64, a stride-2 subsampling of P5 used only by the RPN) when ``extra_pool`` is set.
 
-Mapping from torchvision's Mask R-CNN checkpoint (``maskrcnn_resnet50_fpn``) to :class:`BackboneWithFPN`:
-
-=============================================  ======================================
-torchvision key                                this package
-=============================================  ======================================
-``backbone.body.<rest>``                       ``body.<rest>`` (unchanged ResNet names)
-``backbone.fpn.inner_blocks.{i}.0.<w|b>``      ``fpn.inner_blocks.{i}.<w|b>`` (1x1 laterals)
-``backbone.fpn.layer_blocks.{i}.0.<w|b>``      ``fpn.layer_blocks.{i}.<w|b>`` (3x3 outputs)
-=============================================  ======================================
-
-:func:`fpn_key_renames` gives the FPN rules as regular expressions and
-:func:`backbone_state_dict_from_torchvision` applies the whole table. ``FPN`` also accepts the torchvision
-names directly in ``load_state_dict`` (renamed on load).
+Parameters are ``inner_blocks.{i}`` (1x1 laterals) and ``layer_blocks.{i}`` (3x3 outputs), plain convs;
+torchvision's checkpoints nest them one level deeper (``inner_blocks.{i}.0``), which
+:func:`maskrcnn.weights.torchvision_to_maskrcnn` maps.
 """
 
 from __future__ import annotations
@@ -29,39 +19,7 @@ from torch import Tensor, nn
 
 from maskrcnn.modeling.backbone import ResNet, resnet_spec
 
-__all__ = ["FPN", "BackboneWithFPN", "backbone_state_dict_from_torchvision", "fpn_key_renames", "resnet_fpn"]
-
-
-def fpn_key_renames() -> list[tuple[str, str]]:
-    """``(pattern, replacement)`` regex pairs taking torchvision FPN keys (relative to the FPN) to ours."""
-    return [
-        (r"^inner_blocks\.(\d+)\.0\.", r"inner_blocks.\1."),
-        (r"^layer_blocks\.(\d+)\.0\.", r"layer_blocks.\1."),
-    ]
-
-
-def _rename_fpn_key(key: str) -> str:
-    for pattern, repl in fpn_key_renames():
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def backbone_state_dict_from_torchvision(
-    state_dict: Mapping[str, Tensor], prefix: str = "backbone."
-) -> OrderedDict[str, Tensor]:
-    """Select ``{prefix}body.*`` / ``{prefix}fpn.*`` from a torchvision detection checkpoint, renamed for
-    :class:`BackboneWithFPN` (see the module docstring); other keys (RPN, heads) are left out."""
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    for k, v in state_dict.items():
-        if not k.startswith(prefix):
-            continue
-        k = k[len(prefix) :]
-        if k.startswith("fpn."):
-            k = "fpn." + _rename_fpn_key(k[len("fpn.") :])
-        elif not k.startswith("body."):
-            continue
-        out[k] = v
-    return out
+__all__ = ["FPN", "BackboneWithFPN", "resnet_fpn"]
 
 
 class FPN(nn.Module):
@@ -115,18 +73,6 @@ class FPN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # Accept torchvision's layout (``inner_blocks.{i}.0.weight``) as well as ours.
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            new = prefix + _rename_fpn_key(key[len(prefix) :])
-            if new != key:
-                state_dict[new] = state_dict.pop(key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def forward(self, features: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         xs = [features[n] for n in self.in_features]

@@ -12,15 +12,13 @@ the RoI's class (or channel 0 when class-agnostic, one output channel).
 torchvision key names. The predictor's names are torchvision's (``conv5_mask``, ``mask_fcn_logits``). The
 conv tower names its layers ``mask_fcn1 .. mask_fcn4`` (Detectron's and older torchvision's names), whereas
 current torchvision stores them as ``{i}.0.weight`` / ``{i}.0.bias`` (a ``Sequential`` of conv blocks):
-``roi_heads.mask_head.{i}.0.{weight,bias}`` -> ``roi_heads.mask_head.mask_fcn{i+1}.{weight,bias}``.
-:class:`MaskRCNNHeads` applies this rename itself when a state dict with the torchvision keys is loaded, and
-:func:`rename_torchvision_mask_head_keys` does it on a whole state dict.
+``roi_heads.mask_head.{i}.0.{weight,bias}`` -> ``roi_heads.mask_head.mask_fcn{i+1}.{weight,bias}``, which
+:func:`maskrcnn.weights.torchvision_to_maskrcnn` maps.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +28,6 @@ __all__ = [
     "MLPMaskHead",
     "MaskRCNNHeads",
     "MaskRCNNPredictor",
-    "rename_torchvision_mask_head_keys",
 ]
 
 
@@ -43,29 +40,11 @@ def _kaiming_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-_TV_KEY = re.compile(r"^(\d+)\.0\.(weight|bias)$")
-
-
-def _renamed(key: str, prefix: str) -> str | None:
-    """``{prefix}{i}.0.{param}`` -> ``{prefix}mask_fcn{i+1}.{param}``; None for any other key."""
-    m = _TV_KEY.match(key[len(prefix) :]) if key.startswith(prefix) else None
-    return None if m is None else f"{prefix}mask_fcn{int(m.group(1)) + 1}.{m.group(2)}"
-
-
-def rename_torchvision_mask_head_keys(
-    state_dict: Mapping[str, Tensor], prefix: str = ""
-) -> dict[str, Tensor]:
-    """Copy of ``state_dict`` with torchvision's mask-tower keys ``{prefix}{i}.0.{weight,bias}`` renamed to
-    ``{prefix}mask_fcn{i+1}.{weight,bias}`` (e.g. ``prefix="roi_heads.mask_head."``); other keys unchanged.
-    """
-    return {(_renamed(k, prefix) or k): v for k, v in state_dict.items()}
-
-
 class MaskRCNNHeads(nn.Module):
     """The FPN mask tower: ``len(layers)`` 3x3 convs (padding = dilation) + ReLU.
 
-    ``[K, in_channels, 14, 14] -> [K, layers[-1], 14, 14]``. Layers are ``mask_fcn1 .. mask_fcnN``;
-    torchvision's ``{i}.0.*`` keys are renamed on load (module docstring).
+    ``[K, in_channels, 14, 14] -> [K, layers[-1], 14, 14]``. Layers are ``mask_fcn1 .. mask_fcnN``
+    (module docstring: torchvision's names).
     """
 
     def __init__(
@@ -80,17 +59,6 @@ class MaskRCNNHeads(nn.Module):
             prev = ch
         self.out_channels = prev
         _kaiming_init(self)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        for key in list(state_dict):
-            new = _renamed(key, prefix)
-            if new is not None:
-                state_dict[new] = state_dict.pop(key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         for i in range(1, self.num_layers + 1):

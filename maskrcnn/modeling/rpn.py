@@ -49,8 +49,7 @@ class RPNHead(nn.Module):
 
     Parameter names: ``conv`` is a plain ``Conv2d`` when ``num_convs == 1`` (an ``nn.Sequential``
     of ``Conv2d`` otherwise), ``cls_logits``, ``bbox_pred``. torchvision's ``RPNHead`` calls the
-    3x3 conv ``conv.0.0`` (``conv.{i}.0`` for the i-th of several); its state dicts load directly,
-    the keys being renamed to ``conv`` (``conv.{i}``) on load.
+    3x3 conv ``conv.0.0``, which :func:`maskrcnn.weights.torchvision_to_maskrcnn` maps.
     """
 
     def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = 1) -> None:
@@ -66,15 +65,6 @@ class RPNHead(nn.Module):
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for i in range(self.num_convs):
-            ours = f"{prefix}conv." if self.num_convs == 1 else f"{prefix}conv.{i}."
-            for name in ("weight", "bias"):
-                theirs = f"{prefix}conv.{i}.0.{name}"
-                if theirs in state_dict:
-                    state_dict[ours + name] = state_dict.pop(theirs)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``[N, C, H_l, W_l]`` per level -> (``[N, A, H_l, W_l]``, ``[N, 4A, H_l, W_l]``) per level."""

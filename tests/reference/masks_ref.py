@@ -6,13 +6,14 @@ sample at a time, so that the vectorised code can be checked against something o
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
+
+from tests.reference.roi_ref import roi_align_ref
 
 
 def paste_masks_ref(masks: torch.Tensor, boxes: torch.Tensor, image_size, padding: int = 1) -> torch.Tensor:
@@ -51,60 +52,14 @@ def paste_masks_ref(masks: torch.Tensor, boxes: torch.Tensor, image_size, paddin
     return out
 
 
-def _bilinear(img: np.ndarray, y: float, x: float) -> float:
-    """RoIAlign's bilinear sample of a 2-D array (zero far outside, edge-clamped just outside)."""
-    h, w = img.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return 0.0
-    y = max(y, 0.0)
-    x = max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    if y0 >= h - 1:
-        y0 = y1 = h - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= w - 1:
-        x0 = x1 = w - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return hy * hx * img[y0, x0] + hy * lx * img[y0, x1] + ly * hx * img[y1, x0] + ly * lx * img[y1, x1]
-
-
-def roi_align_single_ref(img: np.ndarray, box, size: int, sampling_ratio: int, aligned: bool) -> np.ndarray:
-    """RoIAlign (torchvision semantics, spatial_scale 1) of one 2-D map in one box -> ``[size, size]``."""
-    off = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (float(v) for v in box)
-    x1, y1, x2, y2 = x1 - off, y1 - off, x2 - off, y2 - off
-    roi_w, roi_h = x2 - x1, y2 - y1
-    if not aligned:
-        roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-    bin_w, bin_h = roi_w / size, roi_h / size
-    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / size)
-    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / size)
-    count = max(gh * gw, 1)
-    out = np.zeros((size, size))
-    for py in range(size):
-        for px in range(size):
-            acc = 0.0
-            for iy in range(gh):
-                y = y1 + py * bin_h + (iy + 0.5) * bin_h / gh
-                for ix in range(gw):
-                    x = x1 + px * bin_w + (ix + 0.5) * bin_w / gw
-                    acc += _bilinear(img, y, x)
-            out[py, px] = acc / count
-    return out
-
-
 def crop_and_resize_bitmasks_ref(masks, boxes, indices, size, *, aligned, sampling_ratio, threshold):
-    """Per-RoI loop over :func:`roi_align_single_ref` on ``masks[indices[i]]`` -> ``[N, size, size]``."""
+    """Per-RoI loop of the naive RoIAlign (tests/reference/roi_ref.py) on ``masks[indices[i]]``
+    -> ``[N, size, size]``."""
     res = []
     for box, idx in zip(boxes.tolist(), indices.tolist(), strict=True):
-        img = masks[idx].double().numpy()
-        t = roi_align_single_ref(img, box, size, sampling_ratio, aligned)
+        img = masks[idx].double().numpy()[None, None]  # one image, one channel
+        roi = np.array([[0.0, *box]])
+        t = roi_align_ref(img, roi, (size, size), 1.0, sampling_ratio, aligned)[0, 0]
         if threshold is not None:
             t = (t >= threshold).astype(np.float64)
         res.append(t)
