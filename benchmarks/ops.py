@@ -14,7 +14,13 @@ Time: median (min-max) seconds of --runs after one warm-up. Peak memory: the ris
 RSS (VmHWM, reset before each measurement, after returning freed heap memory to the OS with malloc_trim)
 over its RSS with the inputs allocated, for one call, beside the output size (and, for forward +
 backward, the input gradient size, which every implementation allocates; zero-filled pages that are never
-written may not count, so RSS can understate what an implementation allocates).
+written may not count, so RSS can understate what an implementation allocates). The peak RSS includes
+what glibc's heap retains of freed temporaries; ``--fixed-mmap-threshold`` fixes glibc's mmap threshold
+at 128 KiB (``mallopt``) so that every large buffer is unmapped when freed and the peak RSS follows the
+live memory (its timings are not representative: every large allocation then faults in fresh pages).
+The last column, "x output", is the memory the operator itself holds at its peak (output and working
+memory: the peak minus the input gradient and the output gradient the script feeds in) over the output
+size.
 """
 
 from __future__ import annotations
@@ -73,7 +79,17 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-python-ref", action="store_true", help="skip torchvision's pure-PyTorch RoIAlign")
+    ap.add_argument(
+        "--fixed-mmap-threshold",
+        action="store_true",
+        help="peak memory of live buffers only (glibc mmap threshold fixed at 128 KiB); slows every side",
+    )
     args = ap.parse_args()
+    if args.fixed_mmap_threshold:
+        import ctypes
+
+        # M_MMAP_THRESHOLD = -3: a fixed threshold, so that freed large buffers leave the RSS at once
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     sys.path.insert(0, os.path.abspath(args.tvref))
     import tvref
 
@@ -173,11 +189,16 @@ def main() -> int:
         f"torchvision {tv.__version__}"
     )
     print(f"command: {' '.join(sys.argv)}\n")
-    print("| case | pass | implementation | seconds, median (min-max) | peak extra memory MiB | output MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| case | pass | implementation | seconds, median (min-max) | peak extra memory MiB | output MiB"
+        " | x output |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for case, kind, name, ts, m, out in results:
-        extra = f"{m:.0f}" + (f" (input grad {grad_mib:.0f})" if kind == "forward+backward" else "")
-        print(f"| {case} | {kind} | {name} | {fmt(ts)} | {extra} | {out:.0f} |")
+        backward = kind == "forward+backward"
+        extra = f"{m:.0f}" + (f" (input grad {grad_mib:.0f})" if backward else "")
+        held = m - (grad_mib + out if backward else 0.0)  # less the input gradient and the fed-in output grad
+        print(f"| {case} | {kind} | {name} | {fmt(ts)} | {extra} | {out:.0f} | {held / out:.2f} |")
     print("\n| NMS boxes | implementation | seconds, median (min-max) |")
     print("| --- | --- | --- |")
     for n, name, ts in nms_rows:

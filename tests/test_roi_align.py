@@ -315,26 +315,46 @@ def test_cuda_autocast(dtype):
     torch.testing.assert_close(out.float(), roi_align(x.detach(), rois, 7, 1.0, 2), atol=1e-2, rtol=1e-2)
 
 
-def test_channel_blocks_give_the_same_numbers(monkeypatch):
-    """NCHW input is processed in channel blocks to bound memory; blocks must not change the result."""
+def test_channel_blocks_and_cell_chunks_give_the_same_numbers(monkeypatch):
+    """Memory bounds must not change the numbers: NCHW input is copied in channel blocks in the forward,
+    and the backward sums gradients over ranges of cells; any split gives identical results."""
     mod = importlib.import_module("maskrcnn.ops.roi_align")
+    whole_chunks = mod._cell_chunks
 
     g = torch.Generator().manual_seed(13)
     x = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
     rois = random_rois(15, 2, 9, 11, 1.0, g)
     grad_out = torch.randn(15, 5, 3, 3, generator=g, dtype=torch.float64)
     results = []
-    cases = [(None, False), ([(0, 2), (2, 3), (3, 5)], False), ([(0, 1), (1, 5)], True)]
-    for blocks, channels_last in cases:
+    cases = [
+        (None, None, False),
+        (None, None, True),
+        ([(0, 2), (2, 3), (3, 5)], 7, False),
+        ([(0, 1), (1, 5)], 1, True),
+        (None, 40, False),
+    ]
+    for blocks, cells, channels_last in cases:
         if blocks is not None:
             monkeypatch.setattr(mod, "_channel_blocks", lambda *a, b=blocks: b)
+        if cells is not None:
+            monkeypatch.setattr(mod, "_cell_chunks", lambda n, hw, _m, k=cells: whole_chunks(n, hw, k))
         xi = x.clone()
-        if channels_last:  # channels-last input: blocks only split the backward's per-cell sums
+        if channels_last:  # channels-last input is read in place: blocks do not apply to it
             xi = xi.to(memory_format=torch.channels_last)
         xi.requires_grad_()
         out = roi_align(xi, rois, 3, 1.0, -1, True)
         out.backward(grad_out)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert xi.grad.is_contiguous(memory_format=layout)
         results.append((out.detach(), xi.grad))
+        monkeypatch.undo()
     for out, grad in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=0, atol=0)
         torch.testing.assert_close(grad, results[0][1], rtol=0, atol=0)
+
+
+def test_cell_chunks_cover_each_image_once():
+    mod = importlib.import_module("maskrcnn.ops.roi_align")
+    assert mod._cell_chunks(3, 10, 4) == [(b, b * 10 + s) for b in range(3) for s in (0, 4, 8)]
+    assert mod._cell_chunks(2, 5, 100) == [(0, 0), (1, 5)]
+    assert mod._cell_chunks(1, 3, 0) == [(0, 0), (0, 1), (0, 2)]

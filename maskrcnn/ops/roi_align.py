@@ -25,8 +25,9 @@ Implementation
 Bilinear weights are separable and so are the validity tests, so a bin is ``sum_y sum_x wy[y] wx[x]
 F[y, x]`` with per-row and per-column weight lists. We build, for every bin, the (cell, weight) pairs
 with nonzero weight (at most ``(2s)^2``, fewer once coinciding rows/columns are merged) and apply them
-with ``embedding_bag`` (a bag-sum), on the ``[N*H*W, C]`` channels-last view of the features. Memory
-stays at the size of the output plus the pairs; backward is ``embedding_bag``'s own scatter.
+with ``embedding_bag`` (a bag-sum), on the ``[N*H*W, C]`` channels-last view of the features. Backward
+is the transposed map: the pairs sorted by cell, and a bag-sum of the output gradient per touched cell,
+over ranges of cells (see ``_BagSum``). Memory stays at the size of the output plus the pairs.
 """
 
 from __future__ import annotations
@@ -217,14 +218,23 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _cell_chunks(n: int, cells_per_image: int, max_cells: int) -> list[tuple[int, int]]:
+    """``(image, first cell)`` of consecutive ranges of at most ``max_cells`` cells, never across images;
+    each range ends where the next begins (the last at ``n * cells_per_image``)."""
+    step = max(1, min(max_cells, cells_per_image))
+    return [(b, b * cells_per_image + s) for b in range(n) for s in range(0, cells_per_image, step)]
+
+
 class _BagSum(torch.autograd.Function):
     """``out[b] = sum_j weight[j] * cell(index[j])`` over the pairs ``j`` of bag ``b`` (bags by offsets).
 
     ``input`` is ``[N, C, H, W]``; cell ``(n*H + y)*W + x`` is the channel vector ``input[n, :, y, x]``.
-    Forward is ``embedding_bag`` on channels-last rows (a free view for channels-last input; NCHW input
-    is copied in channel blocks). Backward groups the pairs by cell (one sort) and bag-sums the output
-    gradient into each touched cell: no ``pairs x C`` tensor, no atomics. The input gradient has the
-    input's memory layout.
+    ``index`` and ``offsets`` share one integer dtype (int32 when the cells fit). Forward is
+    ``embedding_bag`` on channels-last rows (a free view for channels-last input; NCHW input is copied in
+    channel blocks). Backward sorts the pairs by cell once (the sorted cells and the permutation are its
+    only per-pair temporaries), then walks ranges of cells: per range, the bag-sum of the output gradient
+    into each touched cell is ``[cells, C]`` at most a quarter of the output, and is copied straight into
+    the input gradient (no atomics, no ``pairs x C`` tensor). The input gradient has the input's layout.
     """
 
     @staticmethod
@@ -253,34 +263,33 @@ class _BagSum(torch.autograd.Function):
         n, c, h, w = ctx.input_shape
         if ctx.channels_last:
             grad = grad_out.new_zeros((n, h, w, c)).permute(0, 3, 1, 2)
+            grad_rows = grad.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
         else:
             grad = grad_out.new_zeros((n, c, h, w))
         if index.numel() == 0:
             return grad, None, None, None
+        grad_out = grad_out.contiguous()  # [bags, C]; the autograd view/permute backward already is
         num_bags = grad_out.shape[0]
-        sizes = torch.diff(offsets, append=offsets.new_tensor([index.numel()]))
-        bag = torch.repeat_interleave(torch.arange(num_bags, device=index.device), sizes)
-        key = index.int() if n * h * w < 2**31 else index  # int32 sorts about twice as fast
-        cells, order = torch.sort(key, stable=True)
-        unique, counts = torch.unique_consecutive(cells, return_counts=True)
-        cell_offsets = torch.zeros_like(counts, dtype=torch.int64)
-        cell_offsets[1:] = counts.cumsum(0)[:-1]
-        bag, pair_weight, unique = bag[order], weight[order], unique.long()
-        if not ctx.channels_last:
-            starts = torch.arange(n + 1, device=unique.device) * (h * w)
-            bounds = torch.searchsorted(unique, starts).tolist()
-        # per-cell sums are [touched cells, block]: channel blocks bound them whatever the input layout
-        for c0, c1 in _channel_blocks(c, n * h * w, num_bags, False):
-            g = grad_out[:, c0:c1].contiguous()
-            summed = F.embedding_bag(bag, g, cell_offsets, mode="sum", per_sample_weights=pair_weight)
-            if ctx.channels_last:
-                grad.permute(0, 2, 3, 1).reshape(n * h * w, c)[:, c0:c1].index_copy_(0, unique, summed)
+        cells, order = torch.sort(index, stable=True)
+        max_cells = max(num_bags * c // 8, 1 << 18) // c
+        chunks = _cell_chunks(n, h * w, max_cells)
+        starts = cells.new_tensor([first for _, first in chunks] + [n * h * w])
+        bounds = torch.searchsorted(cells, starts).tolist()  # each range's pairs in the sorted order
+        for (b, _), p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
+            if p1 == p0:
                 continue
-            for b in range(n):  # write the [U, C] rows straight into the NCHW gradient, image by image
-                lo, hi = bounds[b], bounds[b + 1]
-                if hi > lo:
-                    dst = grad[b, c0:c1].reshape(c1 - c0, h * w)
-                    dst.index_copy_(1, unique[lo:hi] - b * h * w, summed[lo:hi].t())
+            pairs = order[p0:p1]
+            bag = torch.searchsorted(offsets, pairs.to(offsets.dtype), right=True) - 1
+            touched, counts = torch.unique_consecutive(cells[p0:p1], return_counts=True)
+            cell_offsets = torch.zeros_like(counts, dtype=offsets.dtype)
+            cell_offsets[1:] = counts.cumsum(0)[:-1]
+            summed = F.embedding_bag(
+                bag.to(offsets.dtype), grad_out, cell_offsets, mode="sum", per_sample_weights=weight[pairs]
+            )  # [touched, C]
+            if ctx.channels_last:
+                grad_rows.index_copy_(0, touched.long(), summed)
+            else:  # write the [touched, C] rows straight into this image's NCHW gradient
+                grad[b].reshape(c, h * w).index_copy_(1, touched.long() - b * h * w, summed.t())
         return grad, None, None, None
 
 
@@ -327,6 +336,8 @@ def roi_align(
                 rois, output_size, spatial_scale, sampling_ratio, aligned, h, w
             )
             offsets = torch.arange(0, index.numel(), 4, device=index.device)
+        if max(n * h * w, index.numel()) < 2**31:  # int32 pairs: a third less memory, faster sorts
+            index, offsets = index.int(), offsets.int()
     out = _BagSum.apply(x, index, weight, offsets)
     if mode == "max":
         gy, gx = in_grid.shape[-2:]
