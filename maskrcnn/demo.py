@@ -23,13 +23,14 @@ def demo_config(output_dir: str) -> Config:
     m.num_classes = 4  # background + circle, square, triangle
     m.backbone.norm = "bn"  # no pretrained weights: train every layer, with batch statistics
     m.backbone.frozen_stages = 0
+    m.backbone.fpn_channels = 64  # narrow FPN/RPN/heads: ~1.3x more iterations per minute, same loss per step
     m.input.min_size = (256,)  # the images' own size: no resizing
     m.input.max_size = 256
     m.rpn.anchor_sizes = ((24,), (48,), (96,), (192,), (384,))
     m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 600, 300
     m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test = 300, 100
     m.roi_heads.batch_size_per_image = 64
-    m.roi_heads.mask_head_channels = 128  # the mask head on every positive RoI dominates a CPU step
+    m.roi_heads.mask_head_channels = 64  # the mask head runs on every positive RoI
     m.roi_heads.detections_per_img = 20
     data = os.path.join(output_dir, "data")
     cfg.data.train_images = os.path.join(data, "train")
@@ -39,7 +40,7 @@ def demo_config(output_dir: str) -> Config:
     cfg.data.num_workers = 1
     s = cfg.solver
     s.ims_per_batch, s.base_lr, s.reference_batch = 4, 0.02, 4
-    s.max_iter, s.steps, s.warmup_iters = 950, (720, 870), 50
+    s.max_iter, s.steps, s.warmup_iters = 1300, (1000, 1200), 50
     s.weight_decay = 1e-4
     s.clip_grad_norm = 10.0
     cfg.output_dir = os.path.join(output_dir, "train")
@@ -50,8 +51,17 @@ def demo_config(output_dir: str) -> Config:
     return cfg
 
 
-def run_demo(output_dir: str = "runs/demo", overrides: list[str] | tuple = ()) -> int:
-    """Run the demo; prints where everything is and the AP reached. Returns a process exit code."""
+def run_demo(
+    output_dir: str = "runs/demo",
+    overrides: list[str] | tuple = (),
+    *,
+    num_train: int = 400,
+    num_val: int = 50,
+) -> int:
+    """Run the demo; prints where everything is and the AP reached. Returns a process exit code.
+
+    ``num_train`` / ``num_val``: synthetic images per split (the defaults are the demo's; tests use fewer).
+    """
     import torch
 
     from maskrcnn.data.coco import CocoDataset
@@ -65,7 +75,7 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | tuple = ()) -
     cfg = apply_overrides(demo_config(output_dir), list(overrides))
     print(f"[demo] 1/4 synthetic shapes data -> {os.path.join(output_dir, 'data')}")
     make_shapes_dataset(
-        os.path.join(output_dir, "data"), num_train=400, num_val=50, image_size=(256, 256), seed=0
+        os.path.join(output_dir, "data"), num_train=num_train, num_val=num_val, image_size=(256, 256), seed=0
     )
     print(
         f"[demo] 2/4 training {cfg.solver.max_iter} iterations on {torch.get_num_threads()} CPU thread(s)"

@@ -136,3 +136,16 @@ def test_help_explains_every_command(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
     assert "solver.base_lr" in out and "R-50-FPN" in out
+
+
+def test_demo_end_to_end_with_its_own_config(tmp_path, capsys):
+    """The demo's real model and schedule settings, cut to two iterations on a few images."""
+    from maskrcnn.demo import run_demo
+
+    short = ["solver.max_iter=2", "solver.steps=(1,)", "solver.warmup_iters=1", "data.num_workers=0"]
+    assert run_demo(str(tmp_path), short, num_train=4, num_val=2) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"minutes", "mask_AP", "mask_AP50", "box_AP", "checkpoint", "predictions"}
+    assert os.path.isfile(summary["checkpoint"]) and os.path.isdir(summary["predictions"])
+    assert (tmp_path / "train" / "loss_curve.png").is_file()
+    assert "[demo] done" in capsys.readouterr().out
