@@ -26,10 +26,8 @@ from maskrcnn.data import (
     collate,
     read_image,
 )
+from tests.common import COCO_MINI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("MASKRCNN_SHARED", os.path.join(HERE, "..", "..", "shared"))
-COCO_MINI = os.path.join(SHARED, "data", "coco-mini")
 # pycocotools' decode trips a NumPy 2 DeprecationWarning (copy=False) in the reference calls
 pytestmark = pytest.mark.filterwarnings("ignore:.*__array__ implementation:DeprecationWarning")
 needs_coco_mini = pytest.mark.skipif(

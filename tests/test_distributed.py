@@ -96,13 +96,7 @@ def run_config(output_dir: str):
     return cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread (as in the workers): two threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_close(actual, expected, *, rtol: float, atol: float, name: str) -> None:

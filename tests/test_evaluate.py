@@ -18,7 +18,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.config import get_config
 from maskrcnn.engine.evaluate import (
     STAT_NAMES,
     coco_evaluate,
@@ -26,11 +25,9 @@ from maskrcnn.engine.evaluate import (
     evaluate,
     format_metrics_table,
 )
-from maskrcnn.modeling.build import build_model
+from tests.common import COCO_MINI, tiny_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("MASKRCNN_SHARED", os.path.join(HERE, "..", "..", "shared"))
-COCO_MINI_VAL = os.path.join(SHARED, "data", "coco-mini", "annotations", "instances_val2017.json")
+COCO_MINI_VAL = os.path.join(COCO_MINI, "annotations", "instances_val2017.json")
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 # pycocotools decode() with numpy 2 warns about __array__(copy=...); not ours to fix
@@ -448,17 +445,6 @@ def write_tiny_dataset(root) -> tuple[str, str]:
     with open(ann_file, "w") as fh:
         json.dump({"images": images, "annotations": anns, "categories": synthetic_gt()["categories"]}, fh)
     return image_dir, ann_file
-
-
-def tiny_model(num_classes: int, *, mask: bool = True, seed: int = 0):
-    cfg = get_config("R-18-FPN-small")
-    cfg.num_classes = num_classes
-    cfg.roi_heads.mask = mask
-    cfg.input.min_size, cfg.input.max_size = (48,), 64
-    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 100, 50
-    cfg.roi_heads.detections_per_img = 10
-    torch.manual_seed(seed)
-    return build_model(cfg)
 
 
 def test_evaluate_end_to_end(tmp_path, data_stand_ins, capsys):

@@ -10,21 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.config import get_config
 from maskrcnn.engine.predict import list_images, load_image, predict
-from maskrcnn.modeling.build import build_model
 from maskrcnn.visualize import PALETTE, draw_instances
-
-
-def tiny_model(num_classes: int = 3, *, mask: bool = True):
-    cfg = get_config("R-18-FPN-small")
-    cfg.num_classes = num_classes
-    cfg.roi_heads.mask = mask
-    cfg.input.min_size, cfg.input.max_size = (48,), 64
-    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 100, 50
-    cfg.roi_heads.detections_per_img = 10
-    torch.manual_seed(0)
-    return build_model(cfg)
+from tests.common import tiny_model
 
 
 @pytest.fixture(scope="module")

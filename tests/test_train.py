@@ -122,14 +122,7 @@ def dataset():
     return Rectangles()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny models gain little from two, and two threads slow to a crawl when
-    the cores are shared (e.g. with another test process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _interrupt_forward_at(monkeypatch, call: int, make_losses=None):

@@ -8,13 +8,12 @@ import torch
 
 from maskrcnn.modeling.build import build_model
 from maskrcnn.weights import CheckpointError, load_model
+from tests.common import SHARED
 from tests.tv_parity import IMAGES, parity_weights, read_image, to_torchvision
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("MASKRCNN_SHARED", os.path.join(HERE, "..", "..", "shared"))
 COCO_VAL = os.path.join(SHARED, "data", "coco-mini", "val2017")
 KEYS_JSON = os.path.join(SHARED, "tools", "tvref", "maskrcnn_resnet50_fpn_keys.json")
-REFERENCE = os.path.join(HERE, "data", "tv_reference.pt")
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tv_reference.pt")
 
 
 def test_parameter_count_equals_torchvision():

@@ -175,10 +175,14 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     weight = weight.reshape(k * oh * ow, -1)
     index = index.expand(k, oh, ow, ry.shape[-1], rx.shape[-1]).reshape(k * oh * ow, -1)
     keep = weight != 0
-    per_bin = keep.sum(dim=1)
-    offsets = torch.zeros_like(per_bin)
-    offsets[1:] = per_bin.cumsum(0)[:-1]
-    return index[keep], weight[keep], offsets
+    return index[keep], weight[keep], _offsets(keep.sum(dim=1))
+
+
+def _offsets(counts: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Start of each bag in a flat list of pairs: exclusive cumulative sum of the per-bag ``counts``."""
+    offsets = torch.zeros_like(counts, dtype=dtype)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return offsets
 
 
 def _sample_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height, width):
@@ -279,12 +283,11 @@ class _BagSum(torch.autograd.Function):
             if p1 == p0:
                 continue
             pairs = order[p0:p1]
-            bag = torch.searchsorted(offsets, pairs.to(offsets.dtype), right=True) - 1
+            small = offsets.dtype == torch.int32
+            bag = torch.searchsorted(offsets, pairs.to(offsets.dtype), right=True, out_int32=small) - 1
             touched, counts = torch.unique_consecutive(cells[p0:p1], return_counts=True)
-            cell_offsets = torch.zeros_like(counts, dtype=offsets.dtype)
-            cell_offsets[1:] = counts.cumsum(0)[:-1]
             summed = F.embedding_bag(
-                bag.to(offsets.dtype), grad_out, cell_offsets, mode="sum", per_sample_weights=weight[pairs]
+                bag, grad_out, _offsets(counts, offsets.dtype), mode="sum", per_sample_weights=weight[pairs]
             )  # [touched, C]
             if ctx.channels_last:
                 grad_rows.index_copy_(0, touched.long(), summed)
