@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BOX_LOSSES", "MASK_LOSSES", "fast_rcnn_loss", "mask_loss"]
+__all__ = ["BOX_LOSSES", "MASK_LOSSES", "at_least_float32", "fast_rcnn_loss", "mask_loss"]
 
 BOX_LOSSES = ("smooth_l1", "l1")
 MASK_LOSSES = ("sigmoid", "softmax")
@@ -47,7 +47,7 @@ def fast_rcnn_loss(
     r = labels.numel()
     if r == 0:
         return class_logits.sum() * 0, box_deltas.sum() * 0
-    loss_cls = F.cross_entropy(class_logits.to(_at_least_float32(class_logits.dtype)), labels)
+    loss_cls = F.cross_entropy(class_logits.to(at_least_float32(class_logits.dtype)), labels)
     pos = torch.nonzero(labels > 0).squeeze(1)
     if pos.numel() == 0:
         return loss_cls, box_deltas.sum() * 0
@@ -55,7 +55,7 @@ def fast_rcnn_loss(
     cls = labels[pos] if deltas.shape[1] > 1 else torch.zeros_like(pos)
     pred = deltas[pos, cls]
     target = regression_targets[pos]
-    dtype = torch.promote_types(_at_least_float32(pred.dtype), target.dtype)
+    dtype = torch.promote_types(at_least_float32(pred.dtype), target.dtype)
     pred, target = pred.to(dtype), target.to(dtype)
     if kind == "smooth_l1":
         loss_box = F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
@@ -95,14 +95,14 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, *, kind
     if kind == "sigmoid":
         cls = labels if mask_logits.shape[1] > 1 else torch.zeros_like(labels)
         logits = mask_logits[torch.arange(r, device=labels.device), cls]
-        logits = logits.to(_at_least_float32(logits.dtype))
+        logits = logits.to(at_least_float32(logits.dtype))
         return F.binary_cross_entropy_with_logits(logits, mask_targets.to(logits.dtype))
     if mask_logits.shape[1] == 1:
         raise ValueError("the softmax mask loss needs per-class logits (class_agnostic=False)")
     target = torch.where(mask_targets >= 0.5, labels.view(-1, 1, 1), torch.zeros_like(labels).view(-1, 1, 1))
-    return F.cross_entropy(mask_logits.to(_at_least_float32(mask_logits.dtype)), target)
+    return F.cross_entropy(mask_logits.to(at_least_float32(mask_logits.dtype)), target)
 
 
-def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """Losses are computed in float32 (or float64) even for half / bfloat16 predictions."""
     return torch.float64 if dtype == torch.float64 else torch.float32

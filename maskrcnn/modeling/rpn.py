@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.modeling.losses import at_least_float32
 from maskrcnn.modeling.matcher import Matcher, subsample_labels
 from maskrcnn.ops.anchors import AnchorGenerator
 from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
@@ -224,7 +225,8 @@ def rpn_losses(
     ``positive_fraction`` foreground). ``loss_cls`` is the mean binary cross-entropy (with logits)
     over the sampled anchors; ``loss_box`` is the smooth-L1 (``beta = smooth_l1_beta``) between the
     foreground deltas and their encoded targets, summed, divided by the number of sampled anchors.
-    Both are computed in float32 and are 0 (still attached to the graph) when nothing is sampled.
+    Both are computed in at least float32 (float64 stays float64) and are 0 (still attached to the
+    graph) when nothing is sampled.
     Returns ``(loss_cls, loss_box)``, scalars.
     """
     num_images, num_anchors = objectness.shape
@@ -241,17 +243,18 @@ def rpn_losses(
             neg.append(n + i * num_anchors)
         pos = torch.cat(pos)
         sampled = torch.cat([pos, *neg])
+    dtype = at_least_float32(objectness.dtype)
     if sampled.numel() == 0:
-        zero = objectness.float().sum() * 0.0 + deltas.float().sum() * 0.0
+        zero = objectness.to(dtype).sum() * 0.0 + deltas.to(dtype).sum() * 0.0
         return zero, zero.clone()
     loss_cls = F.binary_cross_entropy_with_logits(
-        objectness.reshape(-1)[sampled].float(), labels.reshape(-1)[sampled].float()
+        objectness.reshape(-1)[sampled].to(dtype), labels.reshape(-1)[sampled].to(dtype)
     )
     with torch.no_grad():
         targets = box_coder.encode(matched_gt_boxes.reshape(-1, 4)[pos], anchors[pos % num_anchors])
     loss_box = (
         F.smooth_l1_loss(
-            deltas.reshape(-1, 4)[pos].float(), targets.float(), beta=smooth_l1_beta, reduction="sum"
+            deltas.reshape(-1, 4)[pos].to(dtype), targets.to(dtype), beta=smooth_l1_beta, reduction="sum"
         )
         / sampled.numel()
     )
