@@ -1,10 +1,12 @@
-"""Data: COCO-format datasets (validated up front), synthetic shapes, joint transforms and loaders.
+"""Data: image decoding (one path for every reader), COCO-format datasets (validated up front), synthetic
+shapes, joint transforms and loaders.
 
 Conventions: images are float RGB ``[3, H, W]`` in [0, 1]; boxes are xyxy float32 absolute pixels; sizes are
 ``(h, w)``; label 0 is background and labels 1 .. K map to the dataset's sorted category ids.
 """
 
-from maskrcnn.data.coco import CocoDataset, DatasetError, read_image
+from maskrcnn.data.coco import CocoDataset, DatasetError
+from maskrcnn.data.images import ImageReadError, check_images, read_image, to_pil_image
 from maskrcnn.data.loader import (
     GroupedBatchSampler,
     InferenceSampler,
@@ -22,6 +24,7 @@ __all__ = [
     "Compose",
     "DatasetError",
     "GroupedBatchSampler",
+    "ImageReadError",
     "InferenceSampler",
     "RandomHorizontalFlip",
     "ResizeShortestEdge",
@@ -29,7 +32,9 @@ __all__ = [
     "aspect_ratio_groups",
     "build_test_loader",
     "build_train_loader",
+    "check_images",
     "collate",
     "make_shapes_dataset",
     "read_image",
+    "to_pil_image",
 ]

@@ -16,11 +16,11 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
+from maskrcnn.data.images import read_image, to_pil_image
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco, iterate_with_progress
 from maskrcnn.visualize import draw_instances
 
@@ -64,9 +64,9 @@ def list_images(spec: str | Sequence[str]) -> list[str]:
 
 
 def load_image(path: str) -> Image.Image:
-    """An RGB PIL image, turned upright by its EXIF orientation."""
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    """An 8-bit RGB PIL image, upright: :func:`maskrcnn.data.images.read_image` (the decoding of training
+    and evaluation) as PIL."""
+    return to_pil_image(read_image(path))
 
 
 def _output_name(path: str, used: set[str], output_dir: str) -> str:
@@ -115,15 +115,15 @@ def predict(
             )
             for index, path in items:
                 try:
-                    pil = load_image(path)
+                    image = read_image(path)  # the decoding of training and evaluation
                 except Exception as e:  # any decoding failure: report it and go on
                     skipped += 1
                     print(
                         f"predict: skipping {path}: cannot read the image ({e})", file=sys.stderr, flush=True
                     )
                     continue
-                pixels = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
-                (out,) = model([pixels.to(device).float().div_(255)])
+                pil = to_pil_image(image)  # to draw on
+                (out,) = model([image.to(device)])
                 keep = out["scores"] >= score_threshold
                 out = {k: v[keep] for k, v in out.items()}
                 drawing = draw_instances(
