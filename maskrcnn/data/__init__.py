@@ -6,7 +6,7 @@ Conventions: images are float RGB ``[3, H, W]`` in [0, 1]; boxes are xyxy float3
 """
 
 from maskrcnn.data.coco import CocoDataset, DatasetError
-from maskrcnn.data.images import ImageReadError, check_images, read_image, to_pil_image
+from maskrcnn.data.images import ImageReadError, check_images, read_image
 from maskrcnn.data.loader import (
     GroupedBatchSampler,
     InferenceSampler,
@@ -36,5 +36,4 @@ __all__ = [
     "collate",
     "make_shapes_dataset",
     "read_image",
-    "to_pil_image",
 ]

@@ -43,7 +43,6 @@ __all__ = [
     "check_images",
     "decode_image",
     "read_image",
-    "to_pil_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,15 +134,6 @@ def read_image(path: str) -> Tensor:
     if arr.dtype == np.uint16:
         return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1).div_(65535.0).contiguous()
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-
-
-def to_pil_image(image: Tensor) -> Image.Image:
-    """A float ``[3, H, W]`` image in [0, 1] (as :func:`read_image` gives) as an 8-bit RGB PIL image
-    (``round(255 * x)``; an 8-bit file's bytes come back exactly), e.g. to draw on."""
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an RGB image [3, H, W], got shape {tuple(image.shape)}")
-    arr = image.detach().cpu().float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), "RGB")
 
 
 # --------------------------------------------------------------------------------------------------

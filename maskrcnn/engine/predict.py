@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from maskrcnn.data.images import read_image, to_pil_image
+from maskrcnn.data.images import read_image
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco, iterate_with_progress
-from maskrcnn.visualize import draw_instances
+from maskrcnn.visualize import draw_instances, to_pil_image
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "predict"]
 
