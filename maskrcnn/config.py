@@ -1,7 +1,10 @@
 """Configuration: one dataclass tree, named presets for the paper's variants, and ``KEY=VALUE`` overrides.
 
 The config is read in one place, :func:`maskrcnn.modeling.build.build_model`; modules take explicit keyword
-arguments. Label convention: ``num_classes`` counts the background, label 0 is background and labels
+arguments. Every value is checked in one place too, :func:`validate_config`, which :func:`make_config`,
+:func:`load_config_file`, :func:`config_from_dict` and :func:`apply_overrides` run on what they return: a
+wrong key or value raises :class:`ConfigError` (a ``ValueError``) naming the dotted key, the value and what
+is expected. Label convention: ``num_classes`` counts the background, label 0 is background and labels
 ``1 .. num_classes - 1`` are object classes (torchvision's convention, so its 91-slot COCO weights load
 as they are; the data loader maps dataset category ids to contiguous labels and back).
 """
@@ -11,9 +14,13 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ConfigError",
     "ModelConfig",
     "BackboneConfig",
     "InputConfig",
@@ -29,7 +36,18 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "validate_config",
 ]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is wrong; the message names the dotted key and what is expected."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """An unknown configuration key or preset name (also a ``KeyError``)."""
+
+    __str__ = ValueError.__str__  # the message as it is, not quoted as KeyError does
 
 
 @dataclass
@@ -216,7 +234,7 @@ PRESETS = {
 def get_config(name: str) -> ModelConfig:
     """A fresh copy of a named model preset."""
     if name not in PRESETS:
-        raise KeyError(f"unknown configuration {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise UnknownKeyError(f"unknown configuration {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
 
 
@@ -225,28 +243,35 @@ def make_config(model: str | ModelConfig = "R-50-FPN", **sections) -> Config:
     cfg = Config(model=get_config(model) if isinstance(model, str) else copy.deepcopy(model))
     for key, value in sections.items():
         if not hasattr(cfg, key):
-            raise KeyError(f"unknown config key {key!r}")
+            raise UnknownKeyError(f"unknown config key {key!r}")
         setattr(cfg, key, value)
-    return cfg
+    return validate_config(cfg)
 
 
 def load_config_file(path: str) -> Config:
     """A YAML run config: an optional ``preset:`` (model preset name), then any nested keys of
-    :class:`Config` (``model:``, ``data:``, ``solver:``, ``output_dir:`` ...). Unknown keys raise."""
+    :class:`Config` (``model:``, ``data:``, ``solver:``, ``output_dir:`` ...). Unknown keys and bad values
+    raise :class:`ConfigError` naming the file and the key; a missing file ``FileNotFoundError``."""
     import yaml
 
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
     with open(path) as fh:
         try:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     preset = data.pop("preset", None)
-    base = make_config(preset) if preset else Config()
     try:
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError(f"preset={preset!r}: expected a preset name ({', '.join(sorted(PRESETS))})")
+        base = make_config(preset) if preset else Config()
         return config_from_dict(data, base)
-    except (KeyError, ValueError) as e:
+    except ConfigError as e:
         raise type(e)(f"{path}: {e.args[0]}") from None
 
 
@@ -254,66 +279,109 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _default(f: dataclasses.Field):
+    """A field's declared default: the template for converting values (its type, its items' type)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _parse(text: str, key: str, expected: str):
+    """A Python literal typed on the command line (``(800,)``, ``[1, 2]``, ``0.01``) or a clear error."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ConfigError(f"{key}={text}: cannot read the value: expected {expected}") from None
+
+
 def _coerce(value, like, key: str):
-    """Convert ``value`` to the type of the default ``like`` (tuples stay tuples, nested too)."""
+    """Convert ``value`` (a string from the command line, or a YAML / Python value) to the type of the
+    default ``like``: tuples stay tuples, nested too; ints stay ints; floats accept ints."""
     if isinstance(like, bool):
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
+            if value.strip().lower() in ("true", "1", "yes"):
                 return True
-            if value.lower() in ("false", "0", "no"):
+            if value.strip().lower() in ("false", "0", "no"):
                 return False
-            raise ValueError(f"{key}: expected a boolean, got {value!r}")
-        return bool(value)
+        elif isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise ConfigError(f"{key}={value}: expected a boolean (true or false)")
     if isinstance(like, tuple):
+        example = repr(like) if like else "(1, 2)"
         if isinstance(value, str):
-            value = ast.literal_eval(value)
+            value = _parse(value, key, f"a tuple such as {example}")
         if not isinstance(value, (list, tuple)):
             value = (value,)
         inner = like[0] if like else None
-        return tuple(_coerce(v, inner, key) if inner is not None else v for v in value)
-    if isinstance(like, (int, float)) and isinstance(value, str):
         try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"{key}: expected a number, got {value!r}") from e
-    if isinstance(like, float) and isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(like, int) and isinstance(value, int):
-        return int(value)
-    if like is not None and not isinstance(value, type(like)):
-        raise ValueError(f"{key}: expected {type(like).__name__}, got {value!r}")
+            return tuple(_coerce(v, inner, key) if inner is not None else v for v in value)
+        except ConfigError:
+            raise ConfigError(f"{key}={value!r}: expected a tuple such as {example}") from None
+    if isinstance(like, (int, float)):
+        kind = "an integer" if isinstance(like, int) else "a number"
+        if isinstance(value, str):
+            value = _parse(value, key, kind)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected {kind}")
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(value, float):
+            raise ConfigError(f"{key}={value!r}: expected {kind}")
+        return value
+    if isinstance(like, str) and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: expected a string")
     return value
 
 
 def config_from_dict(data: dict, base=None, *, prefix: str = ""):
-    """Apply a nested dict onto ``base`` (a config dataclass; default ``ModelConfig()``); unknown keys raise
-    ``KeyError`` naming the key and the valid ones."""
+    """Apply a nested dict onto ``base`` (a config dataclass; default ``ModelConfig()``) and validate the
+    result; unknown keys raise :class:`UnknownKeyError` (a ``KeyError`` too) naming the key and the valid
+    ones, bad values :class:`ConfigError`."""
     cfg = copy.deepcopy(base) if base is not None else ModelConfig()
     _apply_dict(cfg, data, prefix)
-    return cfg
+    return validate_config(cfg, prefix=prefix)
 
 
 def _apply_dict(node, data: dict, prefix: str) -> None:
-    names = {f.name for f in dataclasses.fields(node)}
+    fields = {f.name: f for f in dataclasses.fields(node)}
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if key not in names:
-            raise KeyError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(names))}")
+        if key not in fields:
+            near = [f"{prefix}{k}" for k in _find_key(node, key)]
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            raise UnknownKeyError(
+                f"unknown config key {path!r}{hint} (valid keys here: {', '.join(sorted(fields))})"
+            )
         current = getattr(node, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{path}: expected a mapping of sub-keys, got {value!r}")
+                raise ConfigError(
+                    f"{path} is a section, not a value: set its keys ({path}.KEY=VALUE), got {value!r}"
+                )
             _apply_dict(current, value, path + ".")
+        elif isinstance(value, dict):
+            raise ConfigError(f"{path} is a value, not a section: got {value!r}")
         else:
-            setattr(node, key, _coerce(value, current, path))
+            setattr(node, key, _coerce(value, _default(fields[key]), path))
+
+
+def _find_key(node, name: str, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys called ``name`` below ``node`` (for "did you mean" hints)."""
+    found = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _find_key(value, name, f"{prefix}{f.name}.")
+        elif f.name == name and prefix:
+            found.append(prefix + f.name)
+    return found
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply ``KEY=VALUE`` strings (dotted keys, e.g. ``roi_heads.aligned=true``) to a copy of ``cfg``."""
+    """Apply ``KEY=VALUE`` strings (dotted keys, e.g. ``roi_heads.aligned=true``) to a copy of ``cfg`` and
+    validate the result. VALUE is a Python literal for numbers and tuples (``(640, 800)``), text otherwise."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like KEY=VALUE")
+            raise ConfigError(f"override {item!r} must look like KEY=VALUE (e.g. solver.base_lr=0.01)")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         nested: dict = {}
@@ -322,4 +390,258 @@ def apply_overrides(cfg, overrides: list[str]):
             node = node.setdefault(p, {})
         node[parts[-1]] = value.strip()
         _apply_dict(cfg, nested, "")
+    return validate_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: one rule per key, then the rules that tie keys together
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _seq(v, item, n=None, nonempty=False) -> bool:
+    return (
+        isinstance(v, (tuple, list))
+        and (n is None or len(v) == n)
+        and (not nonempty or len(v) > 0)
+        and all(item(x) for x in v)
+    )
+
+
+def _one_of(choices):
+    def check(v):
+        return isinstance(v, str) and v in choices()
+
+    return check, lambda: "one of " + ", ".join(repr(c) for c in choices())
+
+
+def _backbones():
+    from maskrcnn.modeling.backbone import _SPECS
+
+    return tuple(sorted(_SPECS))
+
+
+def _poolers():
+    from maskrcnn.modeling.poolers import POOLER_KINDS
+
+    return POOLER_KINDS
+
+
+def _box_losses():
+    from maskrcnn.modeling.losses import BOX_LOSSES
+
+    return BOX_LOSSES
+
+
+def _mask_losses():
+    from maskrcnn.modeling.losses import MASK_LOSSES
+
+    return MASK_LOSSES
+
+
+def _schedules():
+    from maskrcnn.engine.schedule import SCHEDULES
+
+    return SCHEDULES
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_POS_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+_NONNEG_INT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_INT = (_is_int, "an integer")
+_POS_NUM = (lambda v: _is_num(v) and v > 0, "a positive number")
+_NONNEG_NUM = (lambda v: _is_num(v) and v >= 0, "a number >= 0")
+_UNIT = (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_PATH = (lambda v: isinstance(v, str), "a path (text; empty for none)")
+
+# field name -> (check, what is expected); every field of every config dataclass has one
+_RULES: dict[type, dict] = {
+    BackboneConfig: {
+        "name": _one_of(_backbones),
+        "kind": _one_of(lambda: ("fpn", "c4")),
+        "norm": _one_of(lambda: ("frozen_bn", "bn")),
+        "frozen_stages": (lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
+        "fpn_channels": _POS_INT,
+    },
+    InputConfig: {
+        "min_size": (
+            lambda v: _seq(v, lambda x: _is_int(x) and x > 0, nonempty=True),
+            "a non-empty tuple of positive integers, e.g. (800,) or (640, 672, 704)",
+        ),
+        "max_size": _POS_INT,
+        "size_divisible": _POS_INT,
+        "pixel_mean": (lambda v: _seq(v, _is_num, n=3), "3 numbers (R, G, B in [0, 1] units)"),
+        "pixel_std": (
+            lambda v: _seq(v, lambda x: _is_num(x) and x > 0, n=3),
+            "3 positive numbers (R, G, B in [0, 1] units)",
+        ),
+    },
+    RPNConfig: {
+        "anchor_sizes": (
+            lambda v: (
+                _seq(v, lambda lv: _seq(lv, lambda x: _is_num(x) and x > 0, nonempty=True), nonempty=True)
+                and len({len(lv) for lv in v}) == 1
+            ),
+            "one non-empty tuple of positive sizes per feature level, all of the same length, "
+            "e.g. ((32,), (64,), (128,), (256,), (512,))",
+        ),
+        "aspect_ratios": (
+            lambda v: _seq(v, lambda x: _is_num(x) and x > 0, nonempty=True),
+            "a non-empty tuple of positive numbers (h / w)",
+        ),
+        "anchor_stride_rule": _one_of(lambda: ("exact", "torchvision")),
+        "pre_nms_topk_train": _POS_INT,
+        "pre_nms_topk_test": _POS_INT,
+        "post_nms_topk_train": _POS_INT,
+        "post_nms_topk_test": _POS_INT,
+        "nms_thresh": _UNIT,
+        "fg_iou_thresh": _UNIT,
+        "bg_iou_thresh": _UNIT,
+        "batch_size_per_image": _POS_INT,
+        "positive_fraction": _UNIT,
+    },
+    RoIHeadsConfig: {
+        "pooler": _one_of(_poolers),
+        "sampling_ratio": (_is_int, "an integer (<= 0: adaptive)"),
+        "aligned": _BOOL,
+        "box_pool_size": _POS_INT,
+        "mask_pool_size": _POS_INT,
+        "representation_size": _POS_INT,
+        "batch_size_per_image": _POS_INT,
+        "positive_fraction": _UNIT,
+        "fg_iou_thresh": _UNIT,
+        "bg_iou_thresh": _UNIT,
+        "box_reg_weights": (
+            lambda v: _seq(v, lambda x: _is_num(x) and x > 0, n=4),
+            "4 positive numbers (x, y, w, h)",
+        ),
+        "box_loss": _one_of(_box_losses),
+        "smooth_l1_beta": _NONNEG_NUM,
+        "score_thresh": _UNIT,
+        "nms_thresh": _UNIT,
+        "detections_per_img": _POS_INT,
+        "mask": _BOOL,
+        "mask_head": _one_of(lambda: ("fcn", "mlp")),
+        "mask_head_channels": _POS_INT,
+        "mask_loss": _one_of(_mask_losses),
+        "class_agnostic_mask": _BOOL,
+    },
+    ModelConfig: {
+        "num_classes": (
+            lambda v: _is_int(v) and v >= 2,
+            "an integer >= 2 (it counts the background: object classes + 1)",
+        ),
+    },
+    DataConfig: {
+        "train_images": _PATH,
+        "train_annotations": _PATH,
+        "val_images": _PATH,
+        "val_annotations": _PATH,
+        "filter_empty": _BOOL,
+        "skip_bad_records": _BOOL,
+        "horizontal_flip": (lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+        "num_workers": _NONNEG_INT,
+    },
+    SolverConfig: {
+        "ims_per_batch": _POS_INT,
+        "base_lr": _POS_NUM,
+        "reference_batch": _POS_INT,
+        "momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "weight_decay": _NONNEG_NUM,
+        "max_iter": _NONNEG_INT,
+        "schedule": _one_of(_schedules),
+        "steps": (
+            lambda v: _seq(v, lambda x: _is_int(x) and x >= 0),
+            "a tuple of iterations >= 0, e.g. (60000, 80000) or ()",
+        ),
+        "gamma": _POS_NUM,
+        "warmup_iters": _NONNEG_INT,
+        "warmup_factor": _UNIT,
+        "clip_grad_norm": (_NONNEG_NUM[0], "a number >= 0 (0: no clipping)"),
+        "amp": _one_of(lambda: ("off", "bfloat16", "float16")),
+    },
+    Config: {
+        "output_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+        "device": (
+            lambda v: isinstance(v, str) and bool(_DEVICE.match(v)),
+            "'auto', 'cpu', 'cuda', 'cuda:K' or 'mps'",
+        ),
+        "seed": _INT,
+        "checkpoint_period": (_NONNEG_INT[0], "an integer >= 0 (iterations; 0: final checkpoint only)"),
+        "keep_checkpoints": (_INT[0], "an integer (<= 0 keeps all)"),
+        "log_period": _POS_INT,
+        "eval_period": (_NONNEG_INT[0], "an integer >= 0 (iterations; 0: at the end only)"),
+        "init_backbone": _PATH,
+        "init_weights": _PATH,
+    },
+}
+
+
+def _fail(key: str, value, expected: str):
+    raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def validate_config(cfg, *, prefix: str = ""):
+    """Check every value of ``cfg`` (a :class:`Config`, :class:`ModelConfig` or one of their sections) and
+    the rules that tie keys together; returns ``cfg``. Raises :class:`ConfigError` naming the first wrong
+    dotted key (``prefix`` + the key's path in ``cfg``), its value and what is expected."""
+    _validate_node(cfg, prefix)
+    model = cfg.model if isinstance(cfg, Config) else cfg
+    mp = prefix + ("model." if isinstance(cfg, Config) else "")
+    if isinstance(model, ModelConfig):
+        _validate_model(model, mp)
+    if isinstance(cfg, (Config, SolverConfig)):
+        solver = cfg.solver if isinstance(cfg, Config) else cfg
+        sp = prefix + ("solver." if isinstance(cfg, Config) else "")
+        if solver.schedule == "cosine" and solver.max_iter == 0:
+            _fail(sp + "max_iter", 0, "a positive number of iterations with solver.schedule='cosine'")
     return cfg
+
+
+def _validate_node(node, prefix: str) -> None:
+    rules = _RULES[type(node)]
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(_default(f)):
+            if type(value) is not type(_default(f)):
+                _fail(key, value, f"a {type(_default(f)).__name__} (set its keys: {key}.KEY=VALUE)")
+            _validate_node(value, key + ".")
+            continue
+        check, expected = rules[f.name]
+        if not check(value):
+            _fail(key, value, expected() if callable(expected) else expected)
+
+
+def _validate_model(m: ModelConfig, prefix: str) -> None:
+    for section in ("rpn", "roi_heads"):
+        node = getattr(m, section)
+        if node.bg_iou_thresh > node.fg_iou_thresh:
+            _fail(
+                f"{prefix}{section}.bg_iou_thresh",
+                node.bg_iou_thresh,
+                f"a number <= {prefix}{section}.fg_iou_thresh ({node.fg_iou_thresh})",
+            )
+    levels = {"fpn": 5, "c4": 1}[m.backbone.kind]
+    if len(m.rpn.anchor_sizes) != levels:
+        _fail(
+            f"{prefix}rpn.anchor_sizes",
+            m.rpn.anchor_sizes,
+            f"{levels} level(s) for {prefix}backbone.kind={m.backbone.kind!r}",
+        )
+    hc = m.roi_heads
+    if hc.mask and m.backbone.kind == "c4" and hc.mask_head != "fcn":
+        _fail(f"{prefix}roi_heads.mask_head", hc.mask_head, "'fcn' with backbone.kind='c4' (the res5 head)")
+    if hc.mask_loss == "softmax" and hc.class_agnostic_mask:
+        _fail(
+            f"{prefix}roi_heads.class_agnostic_mask",
+            True,
+            "false with roi_heads.mask_loss='softmax' (it needs a mask per class)",
+        )
