@@ -29,16 +29,31 @@ _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"``: ``cuda:local_rank`` when CUDA is available, else the CPU; ``"cpu"``; ``"cuda"``:
-    ``cuda:local_rank``; ``"cuda:K"``: that GPU (in a single process)."""
+    """The one resolver of the ``device`` setting (training, evaluation, prediction).
+
+    ``"auto"``: ``cuda:local_rank`` when CUDA is available, else the CPU; ``"cpu"``; ``"cuda"``:
+    ``cuda:local_rank``; ``"cuda:K"``: that GPU (in a single process). A device this machine lacks, or a
+    name torch does not know, raises :class:`~maskrcnn.config.ConfigError` naming the setting."""
+    from maskrcnn.config import ConfigError
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"device={device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:K' or 'mps'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise ConfigError(f"device={device} but CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={device} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={device} but MPS is not available on this machine")
     return dev
 
 
