@@ -29,6 +29,7 @@ weight changes entries by a large fraction of the largest one).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
@@ -38,9 +39,11 @@ from torch import nn
 
 from maskrcnn.config import SolverConfig, get_config, make_config
 from maskrcnn.engine import distributed
+from maskrcnn.engine.interrupt import TrainingInterrupted
 from maskrcnn.engine.plot import read_metrics
 from maskrcnn.engine.train import train
 from maskrcnn.modeling.build import build_model
+from maskrcnn.modeling.rcnn import MaskRCNN
 from maskrcnn.weights import read_checkpoint
 
 TOL = 1e-9  # relative to each tensor's largest entry, in float64 (see above)
@@ -144,6 +147,23 @@ def _worker(rank: int, world_size: int, port: int, out: str, mode: str) -> None:
     if mode == "train":  # train() joins the group (torchrun's variables above) and leaves it
         train(run_config(os.path.join(out, "ddp")), dataset=data)
         return
+    if mode == "signal":  # rank 1 alone gets SIGTERM during its first iteration
+        cfg = run_config(os.path.join(out, "ddp"))
+        cfg.solver.max_iter = 3
+        if rank == 1:
+            forward = MaskRCNN.forward
+
+            def signalled(self, *args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return forward(self, *args, **kwargs)
+
+            MaskRCNN.forward = signalled
+        try:
+            train(cfg, dataset=data)
+        except TrainingInterrupted as e:
+            with open(os.path.join(out, f"stopped{rank}.txt"), "w") as fh:
+                fh.write(f"{e.iteration} {e.exit_code}")
+        return
     got = distributed.init_distributed("cpu")
     try:
         assert got[:3] == (rank, world_size, rank) and got[3] == torch.device("cpu")
@@ -223,3 +243,10 @@ def test_two_process_training_matches_one_process(tmp_path):
         for k in b:
             if k.startswith("loss"):
                 assert a[k] == pytest.approx(b[k], rel=TOL), k
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_iteration(tmp_path):
+    _spawn(tmp_path, "signal")
+    assert [(tmp_path / f"stopped{r}.txt").read_text() for r in (0, 1)] == ["1 143", "1 143"]
+    assert (tmp_path / "ddp" / "last_checkpoint").read_text().strip() == "model_0000001.pt"
+    assert read_checkpoint(tmp_path / "ddp" / "model_0000001.pt")["iteration"] == 1

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -23,7 +24,14 @@ from maskrcnn.data.transforms import RandomHorizontalFlip
 from maskrcnn.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from maskrcnn.engine.plot import plot_loss_curve, read_metrics
 from maskrcnn.engine.schedule import build_scheduler, lr_factor
-from maskrcnn.engine.train import _check_config, load_backbone_weights, load_init_weights, train
+from maskrcnn.engine.train import (
+    RunExistsError,
+    TrainingInterrupted,
+    _check_config,
+    load_backbone_weights,
+    load_init_weights,
+    train,
+)
 from maskrcnn.modeling.backbone import ResNet
 from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.rcnn import MaskRCNN
@@ -392,6 +400,110 @@ def test_resume_is_bit_identical(tmp_path, dataset, monkeypatch, num_workers):
         assert {k: v for k, v in r.items() if "time" not in k} == {
             k: v for k, v in s.items() if "time" not in k
         }
+
+
+def _signal_at(monkeypatch, call: int, *signals: int) -> None:
+    """The ``call``-th training forward sends this process ``signals`` (as a scheduler or Ctrl-C would)."""
+
+    def send(losses):
+        for s in signals:
+            os.kill(os.getpid(), s)
+        return losses
+
+    _interrupt_forward_at(monkeypatch, call=call, make_losses=send)
+
+
+def _leftovers(folder) -> list[str]:
+    return [n for _, _, names in os.walk(folder) for n in names if ".tmp." in n]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_iteration_with_a_checkpoint_and_resume_is_bit_identical(
+    tmp_path, dataset, monkeypatch, signum
+):
+    full = train(tiny_config(tmp_path / "full"), dataset=dataset)
+    cfg = tiny_config(tmp_path / "stopped")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with monkeypatch.context() as m:
+        _signal_at(m, 5, signum)  # iteration 5: after the periodic checkpoint of 3
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, dataset=dataset)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are given back
+    stopped = info.value
+    assert stopped.exit_code == 128 + signum and stopped.iteration == 5
+    assert stopped.checkpoint == Checkpointer(cfg.output_dir, keep=2).latest()
+    assert stopped.checkpoint.endswith("model_0000005.pt")  # the iteration in progress was finished
+    assert "--resume" in str(stopped) and signal.Signals(signum).name in str(stopped)
+    assert [r["iteration"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert not os.path.exists(tmp_path / "stopped" / "model_final.pt") and not _leftovers(tmp_path)
+
+    resumed = train(cfg, dataset=dataset, resume=True)
+    a, b = _weights(full["final_checkpoint"]), _weights(resumed["final_checkpoint"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def untimed(path):
+        return [{k: v for k, v in r.items() if "time" not in k} for r in read_metrics(path)]
+
+    assert untimed(full["metrics"]) == untimed(resumed["metrics"])
+
+
+def test_a_second_sigint_stops_at_once(tmp_path, dataset, monkeypatch):
+    cfg = tiny_config(tmp_path / "run")
+    with monkeypatch.context() as m:
+        _signal_at(m, 5, signal.SIGINT, signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, dataset=dataset)
+    assert Checkpointer(cfg.output_dir, keep=2).latest().endswith("model_0000003.pt")  # iteration 5 not kept
+    assert not _leftovers(tmp_path)
+
+
+def test_an_output_dir_holding_another_run_is_refused_unless_resume_or_overwrite(tmp_path, dataset):
+    out = tmp_path / "run"
+    first = train(tiny_config(out, max_iter=3), dataset=dataset)
+    (out / "eval_final").mkdir()  # as an evaluation would have written
+    (out / "notes.txt").write_text("the user's own file")
+    before = {n: (out / n).read_bytes() for n in os.listdir(out) if (out / n).is_file()}
+    with pytest.raises(RunExistsError, match=r"holds another run \(config.yaml, eval_final, last_checkpoint"):
+        train(tiny_config(out, max_iter=3), dataset=dataset)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if (out / n).is_file()} == before  # untouched
+
+    again = train(tiny_config(out, max_iter=2, checkpoint_period=0), dataset=dataset, overwrite=True)
+    assert sorted(os.listdir(out)) == [
+        "config.yaml",
+        "last_checkpoint",
+        "loss_curve.png",
+        "metrics.jsonl",
+        "model_final.pt",
+        "notes.txt",
+    ]  # the old run's periodic checkpoint and evaluation are gone, the user's file stays
+    assert read_checkpoint(again["final_checkpoint"])["iteration"] == 2
+    assert [r["iteration"] for r in read_metrics(first["metrics"])] == [1, 2]  # the new run's log only
+    # a folder where nothing was trained (an empty metrics file, a config) is not another run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text("")
+    train(tiny_config(fresh, max_iter=1), dataset=dataset)
+
+
+def test_resume_refuses_a_changed_model_and_accepts_other_changes(tmp_path, dataset, caplog):
+    out = tmp_path / "run"
+    train(tiny_config(out, max_iter=3), dataset=dataset)
+    changed = tiny_config(out, max_iter=6)
+    changed.model.roi_heads.pooler = "pool"
+    changed.model.roi_heads.mask_pool_size = 7
+    with pytest.raises(CheckpointError) as info:
+        train(changed, dataset=dataset, resume=True)
+    message = str(info.value)
+    assert "model.roi_heads.mask_pool_size: 14 -> 7" in message
+    assert "model.roi_heads.pooler: 'align' -> 'pool'" in message
+    assert read_checkpoint(out / "model_final.pt")["iteration"] == 3  # nothing was written
+
+    longer = tiny_config(out, max_iter=6, log_period=2)
+    with caplog.at_level(logging.INFO, logger="maskrcnn.engine.train"):
+        result = train(longer, dataset=dataset, resume=True)
+    assert "solver.max_iter: 3 -> 6" in caplog.text and "log_period: 1 -> 2" in caplog.text
+    assert result["iteration"] == 6 and read_checkpoint(result["final_checkpoint"])["iteration"] == 6
 
 
 def test_run_writes_metrics_curve_config_and_checkpoints(tmp_path, dataset, caplog):

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.config import config_to_dict
 from maskrcnn.weights import CheckpointError, load_state_dict_strict, read_checkpoint, save_checkpoint
 
-__all__ = ["Checkpointer", "capture_rng_state", "restore_rng_state", "unwrap"]
+__all__ = ["Checkpointer", "capture_rng_state", "config_differences", "restore_rng_state", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +92,22 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def config_differences(old: dict, new: dict, *, prefix: str = "") -> list[str]:
+    """``["key: old -> new", ...]`` for every dotted key whose value differs between two nested dicts
+    (a key only in one of them shows ``<absent>`` on the other side)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, prefix=f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            out.append(f"{prefix}{key}: {_plain(a)!r} -> {_plain(b)!r}")
+    return out
+
+
+def _plain(x):
+    """Tuples as lists (a YAML or checkpoint round trip turns one into the other)."""
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 class Checkpointer:
@@ -155,7 +165,8 @@ class Checkpointer:
             for tmp in glob.glob(glob.escape(path) + f".tmp.{os.getpid()}"):
                 os.remove(tmp)
             raise
-        _atomic_write_text(os.path.join(self.output_dir, LAST_CHECKPOINT), os.path.basename(path) + "\n")
+        with atomic_write(os.path.join(self.output_dir, LAST_CHECKPOINT)) as fh:
+            fh.write(os.path.basename(path) + "\n")
         self._prune(keep_path=path)
         return path
 
@@ -211,8 +222,16 @@ class Checkpointer:
         if "iteration" not in data or "optimizer" not in data:
             raise CheckpointError(f"{path} is not a training checkpoint (no iteration/optimizer state)")
         net = unwrap(model)
-        if getattr(net, "config", None) is not None and data.get("config") != config_to_dict(net.config):
-            logger.warning("%s was written with a different model config than this run's", path)
+        if getattr(net, "config", None) is not None:
+            saved = data.get("config") or {}
+            changed = config_differences(saved, config_to_dict(net.config), prefix="model.")
+            if changed:
+                raise CheckpointError(
+                    f"{path}: cannot resume with a different model; the run's config changes "
+                    + "; ".join(changed[:8])
+                    + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else "")
+                    + ". Undo these changes to resume, or start a new run in another output_dir"
+                )
         load_state_dict_strict(net, data["model"], source=path)
         optimizer.load_state_dict(data["optimizer"])
         if scheduler is not None and data.get("scheduler") is not None:

@@ -13,6 +13,8 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
+from maskrcnn.atomic import atomic_write
+
 __all__ = ["plot_loss_curve", "read_metrics"]
 
 _COLORS = (
@@ -161,7 +163,6 @@ def plot_loss_curve(
         _text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), "no losses logged yet", fill=axis, font=font, anchor="mm")
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        image.save(fh, format="PNG")
     return path

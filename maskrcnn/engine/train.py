@@ -28,6 +28,9 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
+import signal
 import time
 from contextlib import contextmanager
 
@@ -35,9 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.config import Config
 from maskrcnn.engine import distributed
-from maskrcnn.engine.checkpoint import Checkpointer, capture_rng_state, restore_rng_state, unwrap
+from maskrcnn.engine.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    config_differences,
+    restore_rng_state,
+    unwrap,
+)
+from maskrcnn.engine.interrupt import StopRequest, TrainingInterrupted
 from maskrcnn.engine.plot import plot_loss_curve, read_metrics
 from maskrcnn.engine.schedule import build_scheduler
 from maskrcnn.weights import (
@@ -48,7 +59,15 @@ from maskrcnn.weights import (
     torchvision_to_maskrcnn,
 )
 
-__all__ = ["AMP_MODES", "CLASS_SPECIFIC_PREFIXES", "load_backbone_weights", "load_init_weights", "train"]
+__all__ = [
+    "AMP_MODES",
+    "CLASS_SPECIFIC_PREFIXES",
+    "RunExistsError",
+    "TrainingInterrupted",
+    "load_backbone_weights",
+    "load_init_weights",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +81,34 @@ CLASS_SPECIFIC_PREFIXES = (
 )
 
 
-def train(cfg: Config, *, resume: bool = False, dataset=None, model=None, val_dataset=None) -> dict:
+def train(
+    cfg: Config, *, resume: bool = False, overwrite: bool = False, dataset=None, model=None, val_dataset=None
+) -> dict:
     """Train a Mask R-CNN as ``cfg`` says; returns ``{"iteration", "losses", "eval", "final_checkpoint",
     "output_dir", "metrics", "loss_curve", "config"}`` (losses: the last logged averages).
 
     ``dataset`` (training) and ``val_dataset`` default to :class:`~maskrcnn.data.coco.CocoDataset` built
     from ``cfg.data``; ``model`` to ``build_model(cfg.model)`` with the ``cfg.init_backbone`` /
     ``cfg.init_weights`` initialisation. ``resume=True`` continues from ``output_dir/last_checkpoint``
-    (from scratch if there is none). Launched by ``torchrun``, each process trains on its share of every
-    batch and gradients are averaged (DistributedDataParallel).
+    (from scratch if there is none); its model config must be the checkpoint's. An ``output_dir`` holding
+    another run is refused (:class:`RunExistsError`) unless ``resume`` or ``overwrite`` (which deletes
+    that run's files first; other files are left alone). Launched by ``torchrun``, each process trains on
+    its share of every batch and gradients are averaged (DistributedDataParallel).
+
+    SIGINT / SIGTERM finish the current iteration, write a checkpoint and raise
+    :class:`~maskrcnn.engine.interrupt.TrainingInterrupted` (a second SIGINT stops at once).
     """
     cfg = copy.deepcopy(cfg)
     owns_group = not distributed.is_distributed()
     rank, world_size, _, device = distributed.init_distributed(cfg.device)
     try:
-        return _train(cfg, rank, world_size, device, resume, dataset, model, val_dataset)
+        return _train(cfg, rank, world_size, device, resume, overwrite, dataset, model, val_dataset)
     finally:
         if owns_group:
             distributed.cleanup()
 
 
-def _train(cfg: Config, rank, world_size, device, resume, dataset, model, val_dataset) -> dict:
+def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, model, val_dataset) -> dict:
     solver = cfg.solver
     main = rank == 0
     _check_config(cfg, world_size, device)
@@ -96,8 +122,8 @@ def _train(cfg: Config, rank, world_size, device, resume, dataset, model, val_da
     resume_path = checkpointer.latest() if resume and os.path.isdir(out) else None
     if resume and resume_path is None:
         logger.info("resume: no checkpoint in %s; starting from scratch", out)
-    if not resume and main and os.path.isfile(os.path.join(out, "last_checkpoint")):
-        logger.warning("%s holds a previous run; starting a new one (resume=True continues it)", out)
+    if not resume:
+        _claim_output_dir(out, overwrite=overwrite, main=main)
 
     # data: broken records stop the run here, before any training
     if dataset is None:
@@ -147,6 +173,8 @@ def _train(cfg: Config, rank, world_size, device, resume, dataset, model, val_da
 
     if main:
         os.makedirs(out, exist_ok=True)
+        if resume_path is not None:
+            _log_resumed_changes(cfg, os.path.join(out, "config.yaml"))
         save_config(cfg, os.path.join(out, "config.yaml"))
         _start_metrics(metrics_path, keep_up_to=start_iter if resume_path else None)
 
@@ -207,74 +235,109 @@ def _train(cfg: Config, rank, world_size, device, resume, dataset, model, val_da
             _append_jsonl(metrics_path, {"iteration": iteration, "eval": result})
         return result
 
+    def interrupted(signum: int, iteration: int):
+        """Keep the work of a run stopped by ``signum`` after ``iteration``: log the open window, write a
+        checkpoint (unless one of this iteration exists), raise TrainingInterrupted naming it."""
+        nonlocal window
+        name = signal.Signals(signum).name
+        if window.count:
+            record = window.summary()  # collective: the stop iteration is the same on every rank
+            if main:
+                _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **record})
+            window = _Window()
+        if iteration > start_iter and last_good != checkpointer.path(Checkpointer.periodic_name(iteration)):
+            path = save(Checkpointer.periodic_name(iteration), iteration)
+        else:
+            path = last_good
+        where = f"checkpoint {path}" if path else "no checkpoint (no iteration was completed)"
+        raise TrainingInterrupted(
+            f"training stopped by {name} after iteration {iteration} of {solver.max_iter}; {where}. "
+            f"Resume with: maskrcnn train --config {os.path.join(out, 'config.yaml')} --resume",
+            signum=signum,
+            iteration=iteration,
+            checkpoint=path,
+        )
+
     # the loop
     model.train()
     last_good = resume_path  # the newest checkpoint known to hold finite weights
     window = _Window()
     logged: dict = {}
+    lr = optimizer.param_groups[0]["lr"]
     progress = _progress_bar(solver.max_iter, start_iter, enabled=main)
     end = time.perf_counter()
+    stop = StopRequest()
     try:
-        for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
-            images, targets = next(batches)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
-            data_time = time.perf_counter() - end
+        with stop:
+            for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
+                try:
+                    images, targets = next(batches)
+                except Exception:
+                    if stop.signum is None:
+                        raise
+                    # the signal reached the loader's worker processes too: the previous iteration is whole
+                    interrupted(stop.signum, iteration - 1)
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+                data_time = time.perf_counter() - end
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            values = distributed.all_reduce_mean(
-                {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
-            )
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {iteration}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    + "; training stopped, no checkpoint written. Last good checkpoint: "
-                    + (last_good if last_good else "none (none written yet)")
-                    + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
+                values = distributed.all_reduce_mean(
+                    {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
                 )
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(
+                        f"non-finite loss at iteration {iteration}: "
+                        + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                        + "; training stopped, no checkpoint written. Last good checkpoint: "
+                        + (last_good if last_good else "none (none written yet)")
+                        + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
+                    )
 
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if solver.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if solver.clip_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if solver.clip_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                    optimizer.step()
+                scheduler.step()
+
+                window.add(values, time=time.perf_counter() - end, data_time=data_time)
+                progress.set_postfix_str(_postfix(values, lr), refresh=False)
+                progress.update(1)
+                if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
+                    logged = window.summary()  # collective: every rank logs at the same iterations
+                    if main:
+                        _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
+                    window = _Window()
+                if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
+                    if iteration < solver.max_iter:
+                        last_good = save(Checkpointer.periodic_name(iteration), iteration)
+                if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
+                    if val_dataset is not None:
+                        run_eval(iteration, f"eval_{iteration:07d}")
+                signum = stop.agreed()  # collective: every rank stops at the same iteration
+                if signum is not None and iteration < solver.max_iter:
+                    interrupted(signum, iteration)
+                end = time.perf_counter()
+
+            if start_iter < solver.max_iter or resume_path is None:
+                final = save("model_final", solver.max_iter)
             else:
-                loss.backward()
-                if solver.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                optimizer.step()
-            scheduler.step()
-
-            window.add(values, time=time.perf_counter() - end, data_time=data_time)
-            progress.set_postfix_str(_postfix(values, lr), refresh=False)
-            progress.update(1)
-            if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
-                logged = window.summary()  # collective: every rank logs at the same iterations
-                if main:
-                    _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
-                window = _Window()
-            if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
-                if iteration < solver.max_iter:
-                    last_good = save(Checkpointer.periodic_name(iteration), iteration)
-            if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
-                if val_dataset is not None:
-                    run_eval(iteration, f"eval_{iteration:07d}")
-            end = time.perf_counter()
+                final = resume_path
+                logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
     finally:
         progress.close()
-
-    if start_iter < solver.max_iter or resume_path is None:
-        final = save("model_final", solver.max_iter)
-    else:
-        final = resume_path
-        logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
     results = run_eval(solver.max_iter, "eval_final") if val_dataset is not None else None
     if main:
         plot_loss_curve(read_metrics(metrics_path), curve_path)
@@ -314,6 +377,53 @@ def _check_config(cfg: Config, world_size: int, device: torch.device) -> None:
             "need solver.max_iter >= 0, log_period >= 1, checkpoint_period >= 0 and eval_period >= 0; got "
             f"{solver.max_iter}, {cfg.log_period}, {cfg.checkpoint_period}, {cfg.eval_period}"
         )
+
+
+class RunExistsError(ValueError):
+    """``output_dir`` holds another run's work, and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+_RUN_DIRS = re.compile(r"^eval_(final|\d{7,})$")  # evaluations written by run_eval
+_RUN_FILES = re.compile(
+    r"^(model_(final|\d{7,})\.pt|last_checkpoint|metrics\.jsonl|config\.yaml|loss_curve\.png)$"
+)
+
+
+def _run_files(out: str) -> list[str]:
+    """The names in ``out`` that a training run writes (see the module docstring)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(
+        e
+        for e in os.listdir(out)
+        if _RUN_FILES.match(e) or (_RUN_DIRS.match(e) and os.path.isdir(os.path.join(out, e)))
+    )
+
+
+def _claim_output_dir(out: str, *, overwrite: bool, main: bool) -> None:
+    """Refuse an ``out`` holding another run (a checkpoint, or logged metrics), or with ``overwrite``
+    delete that run's files (only those: other files stay). Decided on rank 0, the same on every rank."""
+    problem = None
+    if main:
+        names = _run_files(out)
+        metrics = os.path.join(out, "metrics.jsonl")
+        worked = any(n.endswith(".pt") or n == "last_checkpoint" for n in names) or (
+            os.path.isfile(metrics) and os.path.getsize(metrics) > 0
+        )
+        if worked and not overwrite:
+            shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            problem = (
+                f"{out} holds another run ({shown}): pass --resume to continue it, --overwrite to delete it "
+                "and start again, or choose another output_dir"
+            )
+        elif names and overwrite:
+            logger.warning("overwrite: deleting the previous run's files in %s: %s", out, ", ".join(names))
+            for n in names:
+                path = os.path.join(out, n)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    problem = distributed.all_gather_objects(problem)[0]
+    if problem:
+        raise RunExistsError(problem)
 
 
 def seed_everything(seed: int) -> None:
@@ -443,6 +553,23 @@ def load_init_weights(model: nn.Module, path: str) -> list[str]:
     return reinit
 
 
+def _log_resumed_changes(cfg: Config, previous: str) -> None:
+    """Name the settings a resumed run changes (the model's are refused when the checkpoint loads)."""
+    import yaml
+
+    try:
+        with open(previous) as fh:
+            old = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    new = dataclasses.asdict(cfg)
+    changed = config_differences(
+        {k: v for k, v in old.items() if k != "model"}, {k: v for k, v in new.items() if k != "model"}
+    )
+    if changed:
+        logger.info("resuming with changed settings: %s", "; ".join(changed))
+
+
 def save_config(cfg: Config, path: str) -> None:
     """Write ``cfg`` as YAML (tuples as lists), atomically."""
     import yaml
@@ -454,10 +581,8 @@ def save_config(cfg: Config, path: str) -> None:
             return [plain(v) for v in x]
         return x
 
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_write(path) as fh:
         yaml.safe_dump(plain(dataclasses.asdict(cfg)), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,11 +619,9 @@ def _start_metrics(path: str, keep_up_to: int | None) -> None:
     records = []
     if keep_up_to is not None:
         records = [r for r in read_metrics(path) if r.get("iteration", 0) <= keep_up_to]
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_write(path) as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
