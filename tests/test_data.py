@@ -1,5 +1,7 @@
-"""Tests of maskrcnn.data: COCO loading (against pycocotools on real COCO images), record validation, image
-modes, transforms, samplers and loaders (determinism, exact resume, sharding, aspect-ratio grouping)."""
+"""Tests of maskrcnn.data: COCO loading (against pycocotools on real COCO images), record validation (the
+file as a whole, every record, every image decoded up front), reads that fail mid-run, transforms,
+samplers and loaders (determinism, exact resume, sharding, aspect-ratio grouping). Image modes:
+tests/test_images.py."""
 
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from maskrcnn.data import (
     build_test_loader,
     build_train_loader,
     collate,
-    read_image,
 )
 from tests.common import COCO_MINI
 
@@ -34,6 +35,15 @@ needs_coco_mini = pytest.mark.skipif(
     not os.path.isfile(os.path.join(COCO_MINI, "annotations", "instances_val2017.json")),
     reason="needs ../shared/data/coco-mini (or MASKRCNN_SHARED)",
 )
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The image check cache of each test in a fresh folder (never ~/.cache, never the data folder)."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("MASKRCNN_CACHE_DIR", str(cache))
+    return cache
+
 
 # --------------------------------------------------------------------------------------------------
 # Real COCO: every non-crowd annotation equals pycocotools'
@@ -185,7 +195,7 @@ def test_broken_records_are_all_reported(tmp_path):
         return found[0]
 
     assert "not found" in line("missing.png") and "image id 2" in line("missing.png")
-    assert "unreadable" in line("corrupt.jpg") and "image id 3" in line("corrupt.jpg")
+    assert "cannot decode" in line("corrupt.jpg") and "image id 3" in line("corrupt.jpg")
     assert "does not match" in line("small.png") and "(30, 60)" in line("small.png")
     assert "poly.png" in line("annotation id 501") and "2 point" in line("annotation id 501")
     assert "cat.png" in line("annotation id 601") and "unknown category id 42" in line("annotation id 601")
@@ -221,17 +231,27 @@ def test_error_message_is_capped(tmp_path):
     assert "30 problem(s)" in msg and "... and 10 more" in msg and len(msg.splitlines()) == 22
 
 
-def test_truncated_image_fails_when_read_naming_the_file(tmp_path):
-    path = os.path.join(tmp_path, "t.jpg")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path)
+def _truncate(path):
     data = open(path, "rb").read()
     with open(path, "wb") as fh:
         fh.write(data[: len(data) // 2])  # header intact, pixels cut
-    ds = CocoDataset(
-        image_dir=str(tmp_path), annotation_file=_write_coco(str(tmp_path), [_img(1, "t.jpg")], [])
+
+
+def test_truncated_jpeg_is_found_before_training(tmp_path, caplog):
+    for name in ("a.png", "t.jpg"):
+        _write_image(os.path.join(tmp_path, name))
+    _truncate(os.path.join(tmp_path, "t.jpg"))
+    ann_file = _write_coco(str(tmp_path), [_img(1, "a.png"), _img(2, "t.jpg")], [_ann(1, 1), _ann(2, 2)])
+    with pytest.raises(DatasetError) as info:
+        CocoDataset(image_dir=str(tmp_path), annotation_file=ann_file)
+    (line,) = [x for x in str(info.value).splitlines() if "t.jpg" in x]
+    assert "image id 2" in line and "cannot decode" in line
+    with caplog.at_level("WARNING"):
+        ds = CocoDataset(image_dir=str(tmp_path), annotation_file=ann_file, skip_bad=True)
+    assert ds.skipped == 1 and ds.image_ids == [1] and sorted(ds.coco.anns) == [1]
+    assert (
+        "skipped 1 broken record(s) (1 image(s), 0 annotation(s))" in caplog.text and "t.jpg" in caplog.text
     )
-    with pytest.raises(DatasetError, match="t.jpg"):
-        ds[0]
 
 
 def test_crowd_degenerate_rle_and_multipart_polygons(tmp_path):
@@ -278,50 +298,143 @@ def test_empty_images_are_kept_unless_filtered(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Image modes
+# The file as a whole: ambiguous or empty files are errors, skip_bad or not
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_images(root):
+    for name in ("a.png", "b.png"):
+        _write_image(os.path.join(root, name))
+    return [_img(1, "a.png"), _img(2, "b.png")]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_duplicate_ids_and_files_are_errors_naming_them(tmp_path, skip_bad):
+    root = str(tmp_path)
+    images = _two_images(root)
+
+    def error(images, anns):
+        with pytest.raises(DatasetError) as info:
+            CocoDataset(image_dir=root, annotation_file=_write_coco(root, images, anns), skip_bad=skip_bad)
+        msg = str(info.value)
+        assert msg.startswith(os.path.join(root, "ann.json")) and "ambiguous" in msg
+        return msg
+
+    msg = error(images + [_img(2, "c.png")], [_ann(1, 1)])
+    assert "duplicate image id(s) 2 (2 records)" in msg and len(msg.splitlines()) == 1
+    msg = error(images, [_ann(7, 1), _ann(8, 2), _ann(7, 2), _ann(8, 1), _ann(8, 1)])
+    assert "duplicate annotation id(s) 7 (2 records), 8 (3 records)" in msg
+    msg = error(images + [_img(3, "./a.png")], [_ann(1, 1)])
+    assert f"{os.path.join(root, 'a.png')} (image ids 1, 3)" in msg and "same file" in msg
+    msg = error(images + [_img(1, "a.png")], [_ann(1, 1), _ann(1, 2)])  # all three at once, listed
+    assert "3 problems" in msg and len(msg.splitlines()) == 4
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_empty_files_are_one_line_errors(tmp_path, skip_bad):
+    root = str(tmp_path)
+    images = _two_images(root)
+    for imgs, anns, expected in [
+        ([], [], "no image records"),
+        (images, [], "no annotations"),
+    ]:
+        ann_file = _write_coco(root, imgs, anns)
+        with pytest.raises(DatasetError) as info:
+            CocoDataset(image_dir=root, annotation_file=ann_file, skip_bad=skip_bad)
+        assert str(info.value).startswith(f"{ann_file}: {expected}") and "\n" not in str(info.value)
+    with open(ann_file, "w") as fh:
+        json.dump({"categories": CATS}, fh)  # no 'images' key at all
+    with pytest.raises(DatasetError, match="no image records"):
+        CocoDataset(image_dir=root, annotation_file=ann_file, skip_bad=skip_bad)
+
+
+def test_no_usable_image_left_is_an_error_not_an_empty_sampler(tmp_path):
+    root = str(tmp_path)
+    images = _two_images(root)
+    crowd_only = _write_coco(root, images, [_ann(1, 1, crowd=1)])
+    with pytest.raises(DatasetError) as info:
+        CocoDataset(image_dir=root, annotation_file=crowd_only, filter_empty=True)
+    msg = str(info.value)
+    assert msg.startswith(f"{crowd_only}: no usable image left") and "2 without annotations" in msg
+    assert "\n" not in msg
+    all_broken = _write_coco(root, [_img(1, "missing.png")], [_ann(1, 1)])
+    with pytest.raises(DatasetError, match="no usable image left.*1 broken"):
+        CocoDataset(image_dir=root, annotation_file=all_broken, skip_bad=True)
+    with pytest.raises(ValueError, match="no images"):  # any other empty dataset
+        build_train_loader([], batch_size=1, num_workers=0, seed=0, aspect_ratio_grouping=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The up-front decode of every image: cached, outside the data folder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dataset_check_is_cached_and_writes_nothing_next_to_the_data(tmp_path, monkeypatch, cache_in_tmp):
+    import maskrcnn.data.images as images_mod
+
+    root = tmp_path / "data"
+    root.mkdir()
+    images = _two_images(str(root))
+    ann_file = _write_coco(str(tmp_path), images, [_ann(1, 1), _ann(2, 2)])
+    calls = []
+    real = images_mod.decode_image
+    monkeypatch.setattr(images_mod, "decode_image", lambda p: calls.append(p) or real(p))
+    CocoDataset(image_dir=str(root), annotation_file=ann_file)
+    assert len(calls) == 2
+    assert sorted(os.listdir(root)) == ["a.png", "b.png"] and os.listdir(cache_in_tmp)
+    calls.clear()
+    ds = CocoDataset(image_dir=str(root), annotation_file=ann_file)
+    assert calls == []  # second build: nothing decoded
+    _write_image(str(root / "b.png"), h=30)  # the file changes: checked again, and now it is wrong
+    with pytest.raises(DatasetError, match=r"b.png.*\(30, 60\).*does not match"):
+        CocoDataset(image_dir=str(root), annotation_file=ann_file)
+    assert calls == [str(root / "b.png")]
+    assert len(ds) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# A read that fails mid-run returns the next record
+# --------------------------------------------------------------------------------------------------
+
+
+def test_failed_read_after_the_check_uses_the_next_record(tmp_path, caplog):
+    root = str(tmp_path)
+    names = ["a.png", "b.png", "c.png"]
+    for k, name in enumerate(names):
+        _write_image(os.path.join(root, name), seed=k)
+    images = [_img(k + 1, name) for k, name in enumerate(names)]
+    ann_file = _write_coco(root, images, [_ann(1, 1), _ann(2, 2, cat=7), _ann(3, 3)])
+    ds = CocoDataset(image_dir=root, annotation_file=ann_file)
+    expected = [ds[i] for i in range(3)]
+    os.remove(os.path.join(root, "b.png"))  # removed mid-run
+    _truncate(os.path.join(root, "c.png"))  # changed mid-run
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            image, target = ds[1]  # b, c fail: a (wrapping around)
+            assert target["image_id"] == 1 and torch.equal(image, expected[0][0])
+            assert torch.equal(target["boxes"], expected[0][1]["boxes"])
+    assert ds.read_failures == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # once per file
+    assert "b.png" in warnings[0] and "file not found" in warnings[0] and "image id 2" in warnings[0]
+    assert "c.png" in warnings[1] and "cannot decode" in warnings[1]
+    assert ds[0][1]["image_id"] == 1 and ds[-1][1]["image_id"] == 1
+    _write_image(os.path.join(root, "b.png"), h=30)  # back, but another size
+    assert ds[1][1]["image_id"] == 1
+    os.remove(os.path.join(root, "a.png"))
+    with pytest.raises(DatasetError, match="none of the 3 images can be read"):
+        ds[0]
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+# --------------------------------------------------------------------------------------------------
+# EXIF orientation: records have the upright size
 # --------------------------------------------------------------------------------------------------
 
 
 def _as_tensor(rgb):
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255
-
-
-def test_image_modes_convert_to_rgb(tmp_path):
-    rng = np.random.default_rng(0)
-    gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
-    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-
-    Image.fromarray(gray, "L").save(tmp_path / "l.png")
-    assert torch.equal(read_image(str(tmp_path / "l.png")), _as_tensor(np.repeat(gray[..., None], 3, 2)))
-
-    rgba = np.concatenate([rgb, rng.integers(0, 256, (20, 30, 1), dtype=np.uint8)], axis=2)
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    assert torch.equal(read_image(str(tmp_path / "rgba.png")), _as_tensor(rgb))  # alpha dropped
-
-    pal = Image.fromarray(rgb).quantize(colors=16)
-    pal.save(tmp_path / "p.png")
-    assert torch.equal(read_image(str(tmp_path / "p.png")), _as_tensor(np.asarray(pal.convert("RGB"))))
-
-    g16 = (gray.astype(np.uint16) * 257).astype(np.uint16)  # k * 257 is k in 8 bits
-    g16[0, 0], g16[0, 1] = 65535, 128  # 128 / 257 rounds to 0
-    Image.fromarray(g16).save(tmp_path / "i16.png")
-    assert Image.open(tmp_path / "i16.png").mode in ("I;16", "I")
-    expected = gray.copy()
-    expected[0, 0], expected[0, 1] = 255, 0
-    assert torch.equal(
-        read_image(str(tmp_path / "i16.png")), _as_tensor(np.repeat(expected[..., None], 3, 2))
-    )
-
-    i32 = gray.astype(np.int32) * 257  # a 32-bit "I" image holding 16-bit values
-    Image.fromarray(i32, "I").save(tmp_path / "i32.tif")
-    assert Image.open(tmp_path / "i32.tif").mode == "I"
-    assert torch.equal(read_image(str(tmp_path / "i32.tif")), _as_tensor(np.repeat(gray[..., None], 3, 2)))
-
-    cmyk = Image.fromarray(rgb).convert("CMYK")
-    cmyk.save(tmp_path / "cmyk.tif")
-    out = read_image(str(tmp_path / "cmyk.tif"))
-    assert torch.equal(out, _as_tensor(np.asarray(cmyk.convert("RGB"))))
-    assert (out - _as_tensor(rgb)).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("orientation,rotate", [(6, -1), (8, 1), (3, 2)])
@@ -332,18 +445,22 @@ def test_exif_orientation_applied(tmp_path, orientation, rotate):
     path = str(tmp_path / "e.png")
     Image.fromarray(rgb).save(path, exif=exif.tobytes())
     expected = np.rot90(rgb, k=rotate)  # 6: turn 90 degrees clockwise to display, 8: counter-clockwise
-    assert torch.equal(read_image(path), _as_tensor(expected))
     # the record has the displayed size; the raw size is reported as a mismatch
     h, w = expected.shape[:2]
     ds = CocoDataset(
-        image_dir=str(tmp_path), annotation_file=_write_coco(str(tmp_path), [_img(1, "e.png", h, w)], [])
+        image_dir=str(tmp_path),
+        annotation_file=_write_coco(str(tmp_path), [_img(1, "e.png", h, w)], [_ann(1, 1, bbox=(1, 1, 5, 5))]),
     )
-    assert ds[0][0].shape == (3, h, w)
+    assert torch.equal(ds[0][0], _as_tensor(expected))
     if orientation != 3:
-        with pytest.raises(DatasetError, match="does not match"):
+        with pytest.raises(
+            DatasetError, match=r"\(h, w\) = \(30, 20\) \(after EXIF orientation\) does not match"
+        ):
             CocoDataset(
                 image_dir=str(tmp_path),
-                annotation_file=_write_coco(str(tmp_path), [_img(1, "e.png", 20, 30)], []),
+                annotation_file=_write_coco(
+                    str(tmp_path), [_img(1, "e.png", 20, 30)], [_ann(1, 1, bbox=(1, 1, 5, 5))]
+                ),
             )
 
 
@@ -355,7 +472,10 @@ def test_exif_orientation_jpeg(tmp_path):
     Image.fromarray(rgb).save(path, exif=exif.tobytes(), quality=95)
     decoded = np.asarray(Image.open(path).convert("RGB"))  # raw pixels, no orientation
     ds = CocoDataset(
-        image_dir=str(tmp_path), annotation_file=_write_coco(str(tmp_path), [_img(1, "e.jpg", 24, 16)], [])
+        image_dir=str(tmp_path),
+        annotation_file=_write_coco(
+            str(tmp_path), [_img(1, "e.jpg", 24, 16)], [_ann(1, 1, bbox=(1, 1, 5, 5))]
+        ),
     )
     assert torch.equal(ds[0][0], _as_tensor(np.rot90(decoded, k=-1)))
 

@@ -1,19 +1,32 @@
 """COCO-format instance segmentation data, validated before training starts.
 
-Conventions: images are float RGB ``[3, H, W]`` tensors in [0, 1]; boxes are xyxy float32 in absolute pixels
+Conventions: images are float RGB ``[3, H, W]`` tensors in [0, 1] (read by :func:`maskrcnn.data.images.
+read_image`, the one decoding path; sizes after EXIF orientation); boxes are xyxy float32 in absolute pixels
 (COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``); sizes are ``(h, w)``; labels are contiguous,
 0 is background and label ``i`` (1 .. K) is the ``i``-th of the dataset's sorted category ids.
 
-Every record is checked when the dataset is built, so that a broken record stops a run before training,
-not hours into it: image files exist, their headers are readable and their size (after EXIF orientation)
-matches the record; annotations name a known image and category, have a box inside the image (1 px
-tolerance) and a well-formed segmentation (polygon parts of at least 3 points, RLE of the image's size).
-By default every problem found is listed in one :class:`DatasetError`; ``skip_bad=True`` drops the broken
-records instead and logs how many.
+Everything is checked when the dataset is built, so that a broken record stops a run before training, not
+hours into it:
+
+- the file as a whole (always errors, ``skip_bad`` or not: the data set is ambiguous or empty): duplicate
+  image ids, duplicate annotation ids, two image records naming the same file, no images, no annotations;
+- every image file is decoded completely (:func:`maskrcnn.data.images.check_images`: in parallel, cached by
+  path, size and mtime outside the data folder) and its upright size must equal the record's
+  ``(height, width)``;
+- annotations name a known image and category, have a box inside the image (1 px tolerance) and a
+  well-formed segmentation (polygon parts of at least 3 points, RLE of the image's size).
+
+By default every record problem found is listed in one :class:`DatasetError`; ``skip_bad=True`` drops the
+broken records instead and logs how many. A dataset left with no image is an error either way.
 
 Not training targets (kept in :attr:`CocoDataset.coco` for evaluation): crowd regions (``iscrowd=1``) and
 degenerate boxes (width or height < 1 px once clipped to the image; real COCO has a few such records, so
 they are not treated as errors, only counted in ``num_degenerate`` and logged).
+
+An image that passed the check but cannot be read later (changed or removed during a run) does not stop
+the run: ``dataset[i]`` logs a warning naming the file (once per file and process), counts it in
+``read_failures`` and returns the next readable record ``i + 1, i + 2, ...`` (wrapping around); only when
+no image can be read at all is it an error.
 """
 
 from __future__ import annotations
@@ -25,22 +38,22 @@ import logging
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torch import Tensor
 
-__all__ = ["CocoDataset", "DatasetError", "read_image", "image_header_size"]
+from maskrcnn.data.images import ImageReadError, check_images, read_image
+
+__all__ = ["CocoDataset", "DatasetError"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20  # problems listed in a DatasetError message; the rest are counted
-_EXIF_ORIENTATION = 0x0112
 
 
 class DatasetError(ValueError):
@@ -62,62 +75,6 @@ class _Problem:
         if self.ann_id is not None:
             where += f", annotation id {self.ann_id}"
         return f"{where}: {self.reason}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Image reading
-# --------------------------------------------------------------------------------------------------
-
-
-def _orientation(im: Image.Image) -> int:
-    """The EXIF orientation (1..8) from the header only (no pixel decoding; PNG reads only early chunks)."""
-    if im.format == "PNG" and "exif" not in im.info:
-        return 1  # Pillow would decode the whole PNG looking for a late eXIf chunk
-    try:
-        return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # a malformed EXIF block: exif_transpose will not use it either
-        return 1
-
-
-def image_header_size(path: str) -> tuple[int, int]:
-    """``(h, w)`` of an image file as displayed (EXIF orientation applied), reading only its header."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if _orientation(im) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
-            w, h = h, w
-    return h, w
-
-
-def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
-    """An ``[H, W, 3]`` uint8 array of any PIL mode. 16-bit modes ("I;16*", "I") are scaled by 65535/255
-    (the maximum of a 16-bit value; "I" images with larger values by 2**31 - 1); alpha is dropped."""
-    if im.mode == "RGB":
-        return np.asarray(im, dtype=np.uint8)
-    if im.mode.startswith("I"):  # "I;16", "I;16B", "I;16L", "I;16N", "I" (32-bit integer)
-        arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2.0**31 - 1
-        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "F":
-        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    # "1", "L", "LA", "P", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV": Pillow's conversions
-    # (palette looked up; alpha dropped, not composited)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def read_image(path: str) -> Tensor:
-    """Decode an image file into a float32 RGB ``[3, H, W]`` tensor in [0, 1] with its EXIF orientation
-    applied. Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are converted to RGB.
-    Raises :class:`DatasetError` naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            arr = _to_rgb_uint8(im)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode image: {e}") from e
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,19 +142,60 @@ def _check_image_record(img: dict) -> str | None:
     return None
 
 
-def _check_image_file(path: str, img: dict) -> str | None:
-    if not os.path.isfile(path):
-        return "image file not found"
-    try:
-        size = image_header_size(path)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"unreadable image file: {e}"
-    if size != (img["height"], img["width"]):
-        return (
-            f"image size (h, w) = {size} (after EXIF orientation) does not match the record's "
-            f"({img['height']}, {img['width']})"
+def _duplicates(values) -> list[tuple[object, int]]:
+    """``(value, count)`` of each value seen more than once, in order of first appearance."""
+    counts = Counter(values)
+    return [(v, n) for v, n in counts.items() if n > 1]
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _check_structure(annotation_file: str, image_dir: str, data: dict) -> None:
+    """Raise :class:`DatasetError` for a file that is ambiguous (duplicate ids, two records of one image
+    file) or empty: never skippable, no record of it can be trusted to be the right one."""
+    images, anns = data.get("images") or [], data.get("annotations") or []
+    if not images:
+        raise DatasetError(f"{annotation_file}: no image records ('images' is empty or missing)")
+    if not anns:
+        raise DatasetError(
+            f"{annotation_file}: no annotations ('annotations' is empty or missing): nothing to train or "
+            "evaluate on"
         )
-    return None
+    problems = []
+    dup = _duplicates(im.get("id") for im in images)
+    if dup:
+        problems.append(
+            f"duplicate image id(s) {_listed([f'{v!r} ({n} records)' for v, n in dup])}: the data set is "
+            "ambiguous (annotations cannot tell which record they belong to); give each image a unique id"
+        )
+    dup = _duplicates(a.get("id") for a in anns)
+    if dup:
+        problems.append(
+            f"duplicate annotation id(s) {_listed([f'{v!r} ({n} records)' for v, n in dup])}: the data set "
+            "is ambiguous (evaluation matches annotations by id); give each annotation a unique id"
+        )
+    by_file: dict[str, list] = {}
+    for im in images:
+        if isinstance(im.get("file_name"), str) and im["file_name"]:
+            by_file.setdefault(os.path.normpath(im["file_name"]), []).append(im.get("id"))
+    dup_files = [(f, ids) for f, ids in by_file.items() if len(ids) > 1]
+    if dup_files:
+        listed = _listed(
+            [f"{os.path.join(image_dir, f)} (image ids {', '.join(map(repr, ids))})" for f, ids in dup_files]
+        )
+        problems.append(
+            f"several image records name the same file: {listed}: the data set is ambiguous (one image, two "
+            "sets of annotations); merge the records"
+        )
+    if len(problems) == 1:
+        raise DatasetError(f"{annotation_file}: {problems[0]}")
+    if problems:
+        raise DatasetError(
+            f"{annotation_file}: {len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems)
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +226,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.annotation_file = str(annotation_file)
         self.transforms = transforms
         self.coco = _load_coco(self.annotation_file)
+        _check_structure(self.annotation_file, self.image_dir, self.coco.dataset)
 
         self.category_ids: list[int] = sorted(self.coco.cats)
         self._cat_to_label = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
@@ -288,7 +287,15 @@ class CocoDataset(torch.utils.data.Dataset):
                     self.filtered_empty,
                 )
             image_ids = kept
+        if not image_ids:
+            raise DatasetError(
+                f"{self.annotation_file}: no usable image left ({len(self.coco.imgs) + len(bad_images)} "
+                f"record(s): {len(bad_images)} broken, {self.filtered_empty} without annotations"
+                f"{' dropped by filter_empty' if filter_empty else ''})"
+            )
         self.image_ids: list[int] = image_ids
+        self.read_failures = 0  # reads that failed after the check, in this process (see the module doc)
+        self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------
     def _validate(self) -> list[_Problem]:
@@ -303,12 +310,17 @@ class CocoDataset(torch.utils.data.Dataset):
                 problems.append(_Problem(iid, None, img.get("file_name"), reason, True))
             else:
                 checked.append((iid, os.path.join(self.image_dir, img["file_name"]), img))
-        # header reads are I/O bound: overlap them (a no-op cost for small datasets)
-        workers = min(16, max(1, len(checked) // 64))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(lambda c: _check_image_file(c[1], c[2]), checked))
-        for (iid, path, _), reason in zip(checked, reasons):
-            if reason is not None:
+        # decode every file completely (cached across runs): a truncated file is found now, not mid-run
+        sizes = check_images([path for _, path, _ in checked])
+        for iid, path, img in checked:
+            size = sizes[path]
+            if isinstance(size, ImageReadError):
+                problems.append(_Problem(iid, None, path, size.reason, True))
+            elif size != (img["height"], img["width"]):
+                reason = (
+                    f"decoded image size (h, w) = {size} (after EXIF orientation) does not match the "
+                    f"record's ({img['height']}, {img['width']})"
+                )
                 problems.append(_Problem(iid, None, path, reason, True))
 
         known = set(coco.cats)
@@ -369,20 +381,51 @@ class CocoDataset(torch.utils.data.Dataset):
         except KeyError:
             raise KeyError(f"unknown category id {cid}; known: {self.category_ids}") from None
 
+    def _read(self, index: int) -> Tensor:
+        """The image of ``dataset[index]``; :class:`ImageReadError` also when its size is not the record's."""
+        img = self.image_info(index)
+        path = os.path.join(self.image_dir, img["file_name"])
+        image = read_image(path)
+        if tuple(image.shape[-2:]) != (img["height"], img["width"]):
+            raise ImageReadError(
+                path,
+                f"decoded size {tuple(image.shape[-2:])} does not match the record's "
+                f"({img['height']}, {img['width']}) (the file changed after the check)",
+            )
+        return image
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        first_error = None
+        for attempt in range(n):  # index, index + 1, ... (wrapping): deterministic, never endless
+            i = (index + attempt) % n
+            try:
+                image = self._read(i)
+            except ImageReadError as e:
+                self.read_failures += 1
+                first_error = first_error or e
+                if e.path not in self._warned:
+                    self._warned.add(e.path)
+                    logger.warning(
+                        "image id %s: %s; it passed the check when the dataset was built, so the file "
+                        "changed; using the next record instead (%d failed read(s) in this process)",
+                        self.image_info(i)["id"],
+                        e,
+                        self.read_failures,
+                    )
+                continue
+            return self._sample(i, image)
+        raise DatasetError(
+            f"{self.annotation_file}: none of the {n} images can be read any more (first: {first_error}); "
+            f"were the files in {self.image_dir} moved or removed?"
+        )
+
+    def _sample(self, index: int, image: Tensor) -> tuple[Tensor, dict]:
         img = self.image_info(index)
         iid = img["id"]
-        path = os.path.join(self.image_dir, img["file_name"])
-        try:
-            image = read_image(path)
-        except DatasetError as e:
-            raise DatasetError(f"image id {iid}: {e}") from e
         h, w = img["height"], img["width"]
-        if tuple(image.shape[-2:]) != (h, w):
-            raise DatasetError(
-                f"{path} (image id {iid}): decoded size {tuple(image.shape[-2:])} does not match the "
-                f"record's ({h}, {w})"
-            )
         anns = self._targets[iid]
         if anns:
             xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)

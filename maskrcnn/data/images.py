@@ -131,9 +131,11 @@ def read_image(path: str) -> Tensor:
     """The image file at ``path`` as a float32 RGB ``[3, H, W]`` tensor in [0, 1] (``k / 255`` for 8-bit
     samples, ``v / 65535`` for 16-bit), upright. Raises :class:`ImageReadError` naming the file."""
     arr = decode_image(path)
-    if arr.dtype == np.uint16:
-        return torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1).div_(65535.0).contiguous()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    scale = 255.0
+    if arr.dtype == np.uint16:  # (torch's uint16 support is recent and partial)
+        arr, scale = arr.astype(np.float32), 65535.0
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    return torch.empty(chw.shape, dtype=torch.float32).copy_(chw).div_(scale)  # contiguous [3, H, W]
 
 
 # --------------------------------------------------------------------------------------------------

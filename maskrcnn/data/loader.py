@@ -207,6 +207,8 @@ def build_train_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if start_iter < 0:
         raise ValueError(f"start_iter must be >= 0, got {start_iter}")
+    if len(dataset) == 0:
+        raise ValueError(f"the training dataset has no images: {dataset!r}")
     sampler_args = {"size": len(dataset), "seed": seed, "rank": rank, "world_size": world_size}
     TrainingSampler(**sampler_args)  # validate the arguments now
     group_ids = aspect_ratio_groups(dataset) if aspect_ratio_grouping else None
