@@ -253,6 +253,7 @@ def check_images(
     cache_file = _cache_file(list(abspaths.values()))
     cached = _load_cache(cache_file)
     todo: list[tuple[str, list[int]]] = []  # (path, [size, mtime_ns])
+    from_cache = 0
     for p in dict.fromkeys(paths):
         try:
             st = os.stat(p)
@@ -266,10 +267,15 @@ def check_images(
         entry = cached.get(abspaths[p])
         if entry is not None and entry[:2] == key:
             results[p] = (entry[2], entry[3])
+            from_cache += 1
         else:
             todo.append((p, key))
     if not todo:
-        logger.debug("image check: %d file(s), all unchanged since their last check", len(results))
+        logger.info(
+            "image check: %d file(s) decoded before and unchanged since%s",
+            from_cache,
+            f", {len(results) - from_cache} missing or unreadable" if len(results) > from_cache else "",
+        )
         return results
 
     def run(item: tuple[str, list[int]]) -> tuple[int, int] | ImageReadError:
@@ -296,13 +302,13 @@ def check_images(
             else:
                 new[abspaths[p]] = [*key, int(outcome[0]), int(outcome[1])]
     _save_cache(cache_file, new, dropped)
-    failed = len(dropped)
+    failed = len(results) - from_cache - len(new)
     logger.info(
         "image check: decoded %d file(s) in %.1fs (%d worker thread(s))%s%s",
         len(todo),
         time.perf_counter() - start,
         workers,
-        f", {len(results) - len(todo)} unchanged since their last check" if len(results) > len(todo) else "",
+        f", {from_cache} decoded before and unchanged" if from_cache else "",
         f", {failed} unreadable" if failed else "",
     )
     return results
