@@ -1,10 +1,13 @@
 """Loading and saving weights: this project's checkpoints and torchvision's Mask R-CNN checkpoints.
 
 A project checkpoint is a dict ``{"format": "maskrcnn", "version": 1, "config": <ModelConfig as a dict>,
-"model": <state_dict>, ...}`` (training adds optimizer state and the like). torchvision's
-``maskrcnn_resnet50_fpn`` checkpoints (a bare state_dict) are recognised by their keys and mapped onto the
-``tv-R-50-FPN`` configuration. Files are read with ``torch.load(..., weights_only=True)``; a checkpoint
-that does not fit the model raises an error naming the missing, unexpected and mis-shaped keys, and
+"model": <state_dict>, ...}`` (training adds optimizer state and the like). A bare state dict (what
+``torch.save(model.state_dict(), path)`` writes, ours or torchvision's) carries no config: one whose keys
+and shapes are exactly torchvision's ``maskrcnn_resnet50_fpn`` (any number of classes, with or without the
+mask branch) loads as the ``tv-R-50-FPN`` configuration; any other needs the config it was made with, as
+torchvision needs the model built before ``load_state_dict``. Files are read with
+``torch.load(..., weights_only=True)``; a file that is not a checkpoint, or one that does not fit the model,
+raises :class:`CheckpointError` naming the file and the first missing, unexpected and mis-shaped keys, and
 nothing is loaded.
 """
 
@@ -115,15 +118,29 @@ def maskrcnn_to_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tenso
     return _rename(state_dict, _TO_TORCHVISION)
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load`` with ``weights_only=True`` and a clear error naming the file."""
+    """``torch.load`` with ``weights_only=True``; a missing file raises ``FileNotFoundError``, anything that
+    is not a readable dict checkpoint (another kind of file, a truncated one) :class:`CheckpointError`,
+    each with one line naming the file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or not a safe checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    except OSError:
+        raise
+    except Exception as e:  # corrupt, truncated, not a torch file, or not a safe (weights-only) checkpoint
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a complete PyTorch weights file "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
     return data
@@ -155,36 +172,91 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
         raise
 
 
+_TORCHVISION_MARKERS = ("rpn.head.conv.0.0.", "backbone.fpn.inner_blocks.0.0.", "roi_heads.mask_head.0.0.")
+
+
+def _is_state_dict(data: Mapping) -> bool:
+    return bool(data) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items())
+
+
 def load_model(
-    weights: str | os.PathLike | Mapping, config: ModelConfig | str | None = None, *, device: str = "cpu"
+    weights: str | os.PathLike | Mapping,
+    config: ModelConfig | str | None = None,
+    *,
+    device: str = "cpu",
+    default_config: ModelConfig | str | None = None,
 ) -> nn.Module:
-    """A model in eval mode with ``weights`` loaded: a project checkpoint (its config is stored inside) or a
-    torchvision ``maskrcnn_resnet50_fpn`` state_dict (file or dict). ``config`` overrides the stored one."""
+    """A model in eval mode with ``weights`` loaded (a file or an already loaded dict).
+
+    * a project checkpoint (:func:`save_checkpoint`, training's ``model_*.pt``): its stored config is used;
+      ``config`` replaces it.
+    * a bare state dict (``torch.save(model.state_dict(), path)``): it carries no config. As with
+      torchvision, where the model is built before ``load_state_dict``, pass the config it was made with:
+      ``config`` (or ``default_config``, which is used for bare state dicts only; the command line passes
+      ``--config`` there). Without one, a state dict whose keys and shapes are exactly torchvision's
+      ``maskrcnn_resnet50_fpn`` (number of classes and mask branch read from the shapes) loads as
+      ``tv-R-50-FPN``; any other raises :class:`CheckpointError` saying it is a bare maskrcnn state dict
+      and how to load it. No other architecture is guessed from shapes: settings that are not in the
+      weights (input sizes, anchors, thresholds) would be guessed too.
+
+    Every key and shape must match (:func:`load_state_dict_strict`); otherwise nothing is loaded and the
+    error names the file and the first offending keys.
+    """
+    from maskrcnn.config import ConfigError
     from maskrcnn.modeling.build import build_model
 
     source = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "state_dict"
     data = read_checkpoint(weights) if isinstance(weights, (str, os.PathLike)) else dict(weights)
     if isinstance(config, str):
         config = get_config(config)
+    if isinstance(default_config, str):
+        default_config = get_config(default_config)
     if data.get("format") == FORMAT:
-        if data.get("version", 0) > VERSION:
+        if not isinstance(data.get("version"), int) or data["version"] > VERSION:
             raise CheckpointError(
-                f"{source}: checkpoint version {data['version']} is newer than this package's"
+                f"{source}: checkpoint version {data.get('version')!r} is not one this package reads "
+                f"(<= {VERSION})"
             )
-        cfg = config if config is not None else config_from_dict(data["config"])
-        state_dict = data["model"]
-    elif is_torchvision_maskrcnn(data):
-        state_dict = torchvision_to_maskrcnn(data)
+        if not isinstance(data.get("model"), Mapping) or not isinstance(data.get("config"), Mapping):
+            raise CheckpointError(f"{source}: a maskrcnn checkpoint without its 'model' or 'config' entry")
         if config is None:
-            config = get_config("tv-R-50-FPN")
-            config.num_classes = int(data["roi_heads.box_predictor.cls_score.weight"].shape[0])
-            config.roi_heads.mask = "roi_heads.mask_predictor.mask_fcn_logits.weight" in data
-        cfg = config
-    else:
+            try:
+                config = config_from_dict(data["config"])
+            except ConfigError as e:
+                raise CheckpointError(f"{source}: the stored config is not valid here: {e}") from None
+        model = build_model(config)
+        load_state_dict_strict(model, data["model"], source=source)
+        return model.to(device).eval()
+    if not _is_state_dict(data) or "backbone.body.conv1.weight" not in data:
         raise CheckpointError(
-            f"{source}: not a maskrcnn checkpoint nor a torchvision Mask R-CNN state_dict "
-            f"(first keys: {_short(list(data)[:5])})"
+            f"{source}: not a maskrcnn checkpoint nor a Mask R-CNN state dict "
+            f"(first keys: {_short([str(k) for k in list(data)[:5]])})"
         )
-    model = build_model(cfg)
-    load_state_dict_strict(model, state_dict, source=source)
-    return model.to(device).eval()
+    state_dict = torchvision_to_maskrcnn(data)  # a no-op on our own key layout
+    config = config if config is not None else default_config
+    if config is not None:
+        model = build_model(config)
+        load_state_dict_strict(model, state_dict, source=source)
+        return model.to(device).eval()
+    # no config: torchvision's maskrcnn_resnet50_fpn, or a bare state dict of ours
+    torchvision_layout = any(k.startswith(_TORCHVISION_MARKERS) for k in data)
+    model, mismatch = None, None
+    if "roi_heads.box_predictor.cls_score.weight" in data:
+        tv = get_config("tv-R-50-FPN")
+        tv.num_classes = int(data["roi_heads.box_predictor.cls_score.weight"].shape[0])
+        tv.roi_heads.mask = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state_dict
+        try:
+            model = build_model(tv)
+            load_state_dict_strict(model, state_dict, source=source)
+        except (CheckpointError, ConfigError) as e:
+            model, mismatch = None, e
+    if model is not None:
+        return model.to(device).eval()
+    if torchvision_layout:  # torchvision's key names, but not its maskrcnn_resnet50_fpn
+        raise mismatch or CheckpointError(f"{source}: a torchvision state dict without a box predictor")
+    raise CheckpointError(
+        f"{source} is a bare maskrcnn state dict (no config inside) that is not torchvision's "
+        "maskrcnn_resnet50_fpn: load it with the config it was trained with: --config PRESET or the run's "
+        "config.yaml on the command line, load_model(path, config=PRESET or ModelConfig) in Python "
+        "(checkpoints written by maskrcnn.weights.save_checkpoint or training carry their config)"
+    )

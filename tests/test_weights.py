@@ -1,0 +1,135 @@
+"""load_model / read_checkpoint on what users pass: our checkpoints, bare state dicts (ours and
+torchvision's), and files that are not checkpoints; every failure is one line naming the file."""
+
+import argparse
+import copy
+
+import pytest
+import torch
+
+from maskrcnn.modeling.build import build_model
+from maskrcnn.weights import (
+    CheckpointError,
+    load_model,
+    maskrcnn_to_torchvision,
+    read_checkpoint,
+    save_checkpoint,
+)
+from tests.common import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(num_classes=4)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_project_checkpoint_round_trip(tmp_path, model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    loaded = load_model(str(path))
+    assert loaded.config == model.config and _same_weights(loaded, model) and not loaded.training
+
+
+def test_bare_state_dict_of_our_model_says_how_to_load_it(tmp_path, model):
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path} is a bare maskrcnn state dict (no config inside)")
+    assert "--config" in msg and "load_model(path, config=" in msg and "\n" not in msg
+    assert "bn3" not in msg  # not read as a torchvision R-50 any more
+    # with the config it was made with, it loads exactly; default_config (the CLI's --config) too
+    assert _same_weights(load_model(str(path), config=model.config), model)
+    assert _same_weights(load_model(str(path), default_config=model.config), model)
+
+
+def test_bare_state_dict_with_the_wrong_config_names_the_keys(tmp_path, model):
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    other = copy.deepcopy(model.config)
+    other.num_classes = 7
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path), config=other)
+    msg = str(err.value)
+    assert str(path) in msg and "roi_heads.box_predictor.cls_score.weight (4, " in msg and "\n" not in msg
+
+
+def test_torchvision_layout_loads_without_a_config():
+    tv = build_model("tv-R-50-FPN")
+    sd = tv.state_dict()
+    for state_dict in (sd, maskrcnn_to_torchvision(sd)):  # torchvision's old and new key names
+        loaded = load_model(state_dict)
+        assert loaded.config.rpn.anchor_stride_rule == "torchvision" and _same_weights(loaded, tv)
+
+
+def test_default_config_does_not_replace_a_stored_one(tmp_path, model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    loaded = load_model(str(path), default_config="R-50-FPN")
+    assert loaded.config == model.config
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"hello, not a checkpoint\n", "cannot read checkpoint"),
+        (b"", "cannot read checkpoint"),
+    ],
+)
+def test_files_that_are_not_checkpoints(tmp_path, content, expected):
+    path = tmp_path / "w.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path))
+    assert str(err.value).startswith(f"{expected} {path}") and "\n" not in str(err.value)
+
+
+def test_truncated_and_unsafe_and_foreign_files(tmp_path, model):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, model)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {truncated}"):
+        read_checkpoint(truncated)
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"x": argparse.Namespace(a=1)}, unsafe)  # a pickled object: refused by weights_only=True
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(unsafe)
+    assert str(unsafe) in str(err.value) and "\n" not in str(err.value)
+
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match=f"{tensor}: expected a dict checkpoint, got Tensor"):
+        load_model(str(tensor))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"a": torch.zeros(1)}, "optimizer": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a maskrcnn checkpoint nor a Mask R-CNN state dict.*model"):
+        load_model(str(foreign))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pt"):
+        load_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_model(str(tmp_path))
+
+
+def test_project_checkpoint_with_a_newer_version_or_bad_config(tmp_path, model):
+    data = read_checkpoint_dict(tmp_path, model)
+    data["version"] = 99
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_model(data)
+    data = read_checkpoint_dict(tmp_path, model)
+    data["config"]["num_classes"] = 1
+    with pytest.raises(CheckpointError, match="stored config.*num_classes=1"):
+        load_model(data)
+
+
+def read_checkpoint_dict(tmp_path, model):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model)
+    return read_checkpoint(path)
