@@ -1,7 +1,8 @@
 """COCO-format instance segmentation data, validated before training starts.
 
-Conventions: images are float RGB ``[3, H, W]`` tensors in [0, 1] (read by :func:`maskrcnn.data.images.
-read_image`, the one decoding path; sizes after EXIF orientation); boxes are xyxy float32 in absolute pixels
+Conventions: images are float RGB ``[3, H, W]`` tensors in [0, 1], read by
+:func:`maskrcnn.data.images.read_image` (the one decoding path; sizes after EXIF orientation); boxes are
+xyxy float32 in absolute pixels
 (COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``); sizes are ``(h, w)``; labels are contiguous,
 0 is background and label ``i`` (1 .. K) is the ``i``-th of the dataset's sorted category ids.
 
@@ -210,7 +211,8 @@ class CocoDataset(torch.utils.data.Dataset):
     ``boxes`` float32 ``[G, 4]`` (xyxy pixels, clipped to the image), ``labels`` int64 ``[G]`` (1 .. K),
     ``masks`` uint8 ``[G, H, W]`` (exactly pycocotools' ``annToMask``), ``image_id`` (int) and ``size``
     ``(h, w)`` of the returned image. Crowd regions and degenerate boxes are not in the targets.
-    ``transforms(image, target) -> (image, target)`` is applied last.
+    ``transforms(image, target) -> (image, target)`` is applied last. When the image of record ``i`` cannot
+    be read any more, ``dataset[i]`` is the next readable record (see the module docstring).
     """
 
     def __init__(
