@@ -2,9 +2,9 @@
 
 Conventions: images are float RGB ``[3, H, W]`` tensors in [0, 1], read by
 :func:`maskrcnn.data.images.read_image` (the one decoding path; sizes after EXIF orientation); boxes are
-xyxy float32 in absolute pixels
-(COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``); sizes are ``(h, w)``; labels are contiguous,
-0 is background and label ``i`` (1 .. K) is the ``i``-th of the dataset's sorted category ids.
+xyxy float32 in absolute pixels (COCO's ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)``); sizes are
+``(h, w)``; labels are contiguous, 0 is background and label ``i`` (1 .. K) is the ``i``-th of the dataset's
+sorted category ids.
 
 Everything is checked when the dataset is built, so that a broken record stops a run before training, not
 hours into it:
