@@ -137,6 +137,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except OSError:
         raise
     except Exception as e:  # corrupt, truncated, not a torch file, or not a safe (weights-only) checkpoint
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects ({unsafe.group(1)}), not only "
+                "weights; maskrcnn reads checkpoints with torch.load(weights_only=True)"
+            ) from e
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a complete PyTorch weights file "
             f"({type(e).__name__}: {_first_line(e)})"
