@@ -376,7 +376,7 @@ def test_check_is_cached_and_rechecks_changed_files(tmp_path, monkeypatch, cache
     assert sorted(calls) == sorted(paths)
     assert sorted(os.listdir(tmp_path / "data")) == before  # nothing written into the data folder
     (cache_file,) = (cache_in_tmp / "checked-images").iterdir()
-    assert not [f for f in os.listdir(cache_in_tmp / "checked-images") if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(cache_in_tmp / "checked-images") if ".tmp" in f]
 
     calls.clear()
     assert check_images(paths, workers=2, progress=False) == first

@@ -20,13 +20,11 @@ code sets it, truncated files decode silently with grey pixels, and :func:`check
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +34,8 @@ import PIL
 import torch
 from PIL import Image, ImageFile
 from torch import Tensor
+
+from maskrcnn.atomic import atomic_write
 
 __all__ = [
     "ImageReadError",
@@ -193,15 +193,8 @@ def _save_cache(file: str, new: dict, dropped: set) -> None:
         for p in dropped:
             entries.pop(p, None)
         os.makedirs(os.path.dirname(file), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(file))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"version": _cache_version(), "entries": entries}, fh)
-            os.replace(tmp, file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(file) as fh:
+            json.dump({"version": _cache_version(), "entries": entries}, fh)
     except OSError as e:
         logger.warning("could not write the image check cache %s: %s", file, e)
 
