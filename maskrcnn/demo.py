@@ -98,6 +98,7 @@ def run_demo(
         score_threshold=0.5,
         class_names=val.class_names,
         progress=False,
+        overwrite=True,  # the demo's own folder: a rerun replaces its drawings
     )
     summary = {
         "minutes": round((time.time() - start) / 60, 2),

@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.engine.predict import list_images, load_image, predict
+from maskrcnn.engine.predict import (
+    NoReadableImagesError,
+    OutputConflictError,
+    check_output_dir,
+    list_images,
+    load_image,
+    predict,
+)
 from maskrcnn.visualize import PALETTE, draw_instances
 from tests.common import tiny_model
 
@@ -91,8 +98,9 @@ def test_predict_folder_writes_drawings_and_json_and_skips_corrupt(tmp_path, cap
     assert model.training  # mode restored
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "1 unreadable image(s) skipped" in err
-    assert sorted(os.listdir(out)) == ["im0.png", "im1.png", "predictions.json"]
-    for path, name in zip(paths, ("im0.png", "im1.png")):
+    assert sorted(os.listdir(out)) == ["im0.jpg.png", "im1.png.png", "predictions.json"]
+    assert entries.read == paths and entries.unreadable == [str(tmp_path / "in" / "broken.jpg")]
+    for path, name in zip(paths, ("im0.jpg.png", "im1.png.png")):
         with Image.open(out / name) as drawn, Image.open(path) as original:
             assert drawn.size == original.size
     written = json.loads((out / "predictions.json").read_text())
@@ -111,7 +119,7 @@ def test_predict_glob_threshold_and_faster_rcnn(tmp_path, capsys, mask_model, bo
     high = predict(
         mask_model, str(tmp_path / "in" / "*.png"), output_dir=str(tmp_path / "o1"), score_threshold=2.0
     )
-    assert high == [] and sorted(os.listdir(tmp_path / "o1")) == ["im1.png", "predictions.json"]
+    assert high == [] and sorted(os.listdir(tmp_path / "o1")) == ["im1.png.png", "predictions.json"]
     entries = predict(
         box_model,
         list_images(str(tmp_path / "in" / "*")),
@@ -123,11 +131,79 @@ def test_predict_glob_threshold_and_faster_rcnn(tmp_path, capsys, mask_model, bo
     assert "unreadable" not in capsys.readouterr().err
 
 
-def test_predict_same_stem_does_not_overwrite(tmp_path, mask_model):
+def test_predict_same_name_in_two_folders_and_same_stem_do_not_collide(tmp_path, mask_model):
     a = write_images(tmp_path / "a", sizes=((32, 32),))
     b = write_images(tmp_path / "b", sizes=((40, 40),))
     predict(mask_model, a + b, output_dir=str(tmp_path / "out"), progress=False)
-    assert sorted(os.listdir(tmp_path / "out")) == ["im0.png", "im0_1.png", "predictions.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["a", "b", "predictions.json"]
+    assert os.listdir(tmp_path / "out" / "a") == ["im0.jpg.png"] and os.listdir(tmp_path / "out" / "b") == [
+        "im0.jpg.png"
+    ]
+    # good.jpg and good.png: one drawing each
+    folder = tmp_path / "same"
+    folder.mkdir()
+    for ext in ("jpg", "png"):
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / f"good.{ext}")
+    predict(mask_model, str(folder), output_dir=str(tmp_path / "out2"), progress=False)
+    assert sorted(os.listdir(tmp_path / "out2")) == ["good.jpg.png", "good.png.png", "predictions.json"]
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_refuses_an_output_folder_that_holds_inputs(tmp_path, mask_model):
+    """The data loss seen: `predict folder --output-dir folder` drew good.jpg over good.png."""
+    folder = tmp_path / "photos"
+    write_images(folder)
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(folder / "im0.png")  # im0.jpg and im0.png
+    before = _snapshot(tmp_path)
+    for output_dir in (folder, tmp_path, folder / ".."):  # the inputs' folder, or one above it
+        with pytest.raises(
+            OutputConflictError, match=r"refusing to write predictions to .*: it holds the input"
+        ):
+            predict(mask_model, str(folder), output_dir=str(output_dir), progress=False, overwrite=True)
+    assert _snapshot(tmp_path) == before  # nothing written, nothing replaced
+    # an output folder inside the input folder is fine, and a folder listing does not pick up its drawings
+    inside = folder / "pred"
+    predict(mask_model, str(folder), output_dir=str(inside), progress=False)
+    assert list_images(str(folder)) == sorted(str(p) for p in before if p.parent == folder)
+    # a recursive glob would: refused rather than predicting on drawings
+    with pytest.raises(OutputConflictError, match="it holds the input"):
+        predict(mask_model, str(folder / "**" / "*"), output_dir=str(inside), overwrite=True, progress=False)
+
+
+def test_predict_never_writes_over_existing_files_unless_overwrite(tmp_path, mask_model):
+    paths = write_images(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "im0.jpg.png").write_bytes(b"an earlier drawing")
+    with pytest.raises(OutputConflictError, match=r"im0.jpg.png exists .*--overwrite"):
+        predict(mask_model, paths, output_dir=str(out), progress=False)
+    assert sorted(os.listdir(out)) == ["im0.jpg.png", "notes.txt"]  # nothing written
+    predict(mask_model, paths, output_dir=str(out), progress=False, overwrite=True)
+    assert sorted(os.listdir(out)) == ["im0.jpg.png", "im1.png.png", "notes.txt", "predictions.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+    with Image.open(out / "im0.jpg.png") as drawn:
+        assert drawn.size == (48, 40)
+    with pytest.raises(OutputConflictError, match="predictions.json exists"):
+        check_output_dir([paths[0] + ".jpg"], str(out))  # checked alone too (by the CLI, before the model)
+    assert check_output_dir(paths, str(tmp_path / "new")) == [
+        str(tmp_path / "new" / "im0.jpg.png"),
+        str(tmp_path / "new" / "im1.png.png"),
+        str(tmp_path / "new" / "predictions.json"),
+    ]
+
+
+def test_predict_when_no_image_can_be_read(tmp_path, mask_model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    with pytest.raises(NoReadableImagesError, match=r"none of the 2 input image\(s\) could be read .*a.jpg"):
+        predict(mask_model, str(folder), output_dir=str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,4 +271,8 @@ def test_predict_on_cuda(tmp_path):
     write_images(tmp_path / "in")
     model = tiny_model().cuda()
     entries = predict(model, str(tmp_path / "in"), output_dir=str(tmp_path / "out"), score_threshold=0.0)
-    assert entries and sorted(os.listdir(tmp_path / "out")) == ["im0.png", "im1.png", "predictions.json"]
+    assert entries and sorted(os.listdir(tmp_path / "out")) == [
+        "im0.jpg.png",
+        "im1.png.png",
+        "predictions.json",
+    ]

@@ -1,11 +1,17 @@
 """Prediction on image files: drawings and COCO-format detections written to a folder.
 
-``predict`` writes, for each readable image, ``<output_dir>/<stem>.png`` (the image with its detections
-drawn; ``<stem>_1.png`` and so on when two inputs share a stem) and, for the whole run,
-``<output_dir>/predictions.json``: a JSON list of COCO results entries (``image_id`` is the image's index in
-``paths``; ``category_id`` is the model's label, or the dataset category id when ``label_to_category_id``
-is given; ``segmentation`` is a compressed RLE at mask threshold 0.5) with two extra fields,
-``file_name`` (the input path) and, when ``class_names`` is given, ``category_name``.
+``predict`` writes, for each readable image, a drawing (the image with its detections) named after the
+whole input file name, ``<output_dir>/<name>.png`` (``good.jpg`` -> ``good.jpg.png``, so ``good.jpg`` and
+``good.png`` do not collide); when the inputs come from several folders, their folders below the deepest
+common one are mirrored (``a/im.jpg``, ``b/im.jpg`` -> ``a/im.jpg.png``, ``b/im.jpg.png``). For the whole
+run it writes ``<output_dir>/predictions.json``: a JSON list of COCO results entries (``image_id`` is the
+image's index in ``paths``; ``category_id`` is the model's label, or the dataset category id when
+``label_to_category_id`` is given; ``segmentation`` is a compressed RLE at mask threshold 0.5) with two
+extra fields, ``file_name`` (the input path) and, when ``class_names`` is given, ``category_name``.
+
+No data is lost (:func:`check_output_dir`, run before anything is written): an output folder that holds any
+input (or is an input's folder) is refused, and a file that exists is never written over unless
+``overwrite=True``, which replaces only this run's own outputs (its drawings and ``predictions.json``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,17 @@ from maskrcnn.data.images import read_image
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco, iterate_with_progress
 from maskrcnn.visualize import draw_instances, to_pil_image
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "predict"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "NoReadableImagesError",
+    "OutputConflictError",
+    "Predictions",
+    "check_output_dir",
+    "list_images",
+    "load_image",
+    "output_names",
+    "predict",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -69,14 +85,61 @@ def load_image(path: str) -> Image.Image:
     return to_pil_image(read_image(path))
 
 
-def _output_name(path: str, used: set[str], output_dir: str) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    name, k = f"{stem}.png", 0
-    while name in used or os.path.abspath(os.path.join(output_dir, name)) == os.path.abspath(path):
-        k += 1
-        name = f"{stem}_{k}.png"
-    used.add(name)
-    return name
+class OutputConflictError(ValueError):
+    """Writing the predictions would overwrite an input or an existing file; nothing was written."""
+
+
+class NoReadableImagesError(ValueError):
+    """None of the input images could be read; nothing was written."""
+
+
+class Predictions(list):
+    """The entries :func:`predict` wrote (a list), with ``read`` and ``unreadable``: the input paths read
+    and those that could not be."""
+
+    def __init__(self, entries=(), *, read=(), unreadable=()):
+        super().__init__(entries)
+        self.read, self.unreadable = list(read), list(unreadable)
+
+
+def output_names(paths: Sequence[str]) -> list[str]:
+    """The drawing of each input, relative to the output folder: the input's file name plus ``.png``, under
+    the input's folder relative to the deepest folder common to all inputs (unique for distinct inputs)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    if not absolute:
+        return []
+    base = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.relpath(p, base) + ".png" for p in absolute]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_dir(paths: Sequence[str], output_dir: str, *, overwrite: bool = False) -> list[str]:
+    """Where :func:`predict` will write (the drawings, then ``predictions.json``), after checking that it
+    cannot lose data: raises :class:`OutputConflictError` when an input lies inside ``output_dir`` (or is
+    one of its files), and, unless ``overwrite``, when any of those files exists already. Writes nothing."""
+    out = os.path.realpath(output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputConflictError(f"output folder {output_dir} is a file")
+    for path in paths:
+        if _inside(os.path.realpath(path), out):
+            raise OutputConflictError(
+                f"refusing to write predictions to {output_dir}: it holds the input {path}; "
+                "choose an output folder outside the input folders"
+            )
+    targets = [os.path.join(output_dir, name) for name in output_names(paths)]
+    targets.append(os.path.join(output_dir, "predictions.json"))
+    for target in dict.fromkeys(targets):
+        if os.path.isdir(target):
+            raise OutputConflictError(f"{target} is a folder; choose another output folder")
+        if os.path.lexists(target) and not overwrite:
+            raise OutputConflictError(
+                f"{target} exists (an earlier run?); choose another output folder, or overwrite it "
+                "(--overwrite, overwrite=True: replaces this run's drawings and predictions.json only)"
+            )
+    return targets
 
 
 def predict(
@@ -89,24 +152,29 @@ def predict(
     label_to_category_id: Callable[[int], int] | Mapping[int, int] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> list[dict]:
+    overwrite: bool = False,
+) -> Predictions:
     """Run ``model`` on image files (``paths``: a list, or a spec for :func:`list_images`), one at a time.
 
     Keeps detections with ``score >= score_threshold``, writes the drawings and ``predictions.json`` (see
-    the module docstring) to ``output_dir`` and returns the entries written. An image that cannot be read is
-    reported on stderr with its file name and skipped; the number skipped is reported at the end.
+    the module docstring) to ``output_dir`` and returns the entries written (:class:`Predictions`). First
+    :func:`check_output_dir` (``overwrite``) refuses an output that could overwrite an input or an
+    existing file. An image that cannot be read is reported on stderr with its file name and skipped, and
+    the number skipped is reported at the end; when none can be read, :class:`NoReadableImagesError` is
+    raised and nothing is written.
     """
     if isinstance(paths, str):
         paths = list_images(paths)
+    *drawings, json_path = check_output_dir(paths, output_dir, overwrite=overwrite)
+    drawing_of = dict(zip(paths, drawings))
     if device is not None:
         model.to(device)
     device = _model_device(model)
     to_category = label_to_category_id if label_to_category_id is not None else int
-    os.makedirs(output_dir, exist_ok=True)
     was_training = model.training
     model.eval()
     entries: list[dict] = []
-    used: set[str] = set()
+    read: list[str] = []
     skipped = 0
     try:
         with torch.no_grad():
@@ -134,7 +202,9 @@ def predict(
                     masks=out.get("masks"),
                     class_names=class_names,
                 )
-                drawing.save(os.path.join(output_dir, _output_name(path, used, output_dir)))
+                os.makedirs(os.path.dirname(drawing_of[path]), exist_ok=True)
+                drawing.save(drawing_of[path])
+                read.append(path)
                 found = detections_to_coco([out], [index], label_to_category_id=to_category)
                 for entry, label in zip(found, out["labels"].tolist()):
                     entry["file_name"] = path
@@ -145,11 +215,17 @@ def predict(
                 entries.extend(found)
     finally:
         model.train(was_training)
-    with open(os.path.join(output_dir, "predictions.json"), "w") as fh:
+    done = set(read)
+    unreadable = [p for p in dict.fromkeys(paths) if p not in done]
+    if not read:
+        raise NoReadableImagesError(
+            f"none of the {len(paths)} input image(s) could be read (first: {', '.join(unreadable[:3])}); "
+            "nothing written"
+        )
+    with open(json_path, "w") as fh:
         json.dump(entries, fh)
-    done = len(paths) - skipped
-    message = f"predict: {done} image(s), {len(entries)} detection(s) written to {output_dir}"
+    message = f"predict: {len(read)} image(s), {len(entries)} detection(s) written to {output_dir}"
     if skipped:
         message += f"; {skipped} unreadable image(s) skipped"
     print(message, file=sys.stderr, flush=True)
-    return entries
+    return Predictions(entries, read=read, unreadable=unreadable)
