@@ -11,6 +11,7 @@ uninterrupted run. Batches are ``(list of images, list of targets)``, the model'
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -219,7 +220,15 @@ def build_train_loader(
         collate_fn=collate,
         # worker base seeds come from this generator, not from (and without advancing) torch's global RNG
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_sigint,
     )
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C signals the whole process group: workers leave it to the training process, which finishes
+    its iteration, checkpoints and stops them (:mod:`maskrcnn.engine.interrupt`). SIGTERM keeps its
+    default (the loader itself terminates stuck workers with it); the loop survives a worker it killed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Indexed(Dataset):

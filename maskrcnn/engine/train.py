@@ -125,11 +125,17 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
     if not resume:
         _claim_output_dir(out, overwrite=overwrite, main=main)
 
-    # data: broken records stop the run here, before any training
-    if dataset is None:
-        dataset = build_train_dataset(cfg)
-    if val_dataset is None and cfg.data.val_annotations:
-        val_dataset = build_val_dataset(cfg)
+    # data: broken records stop the run here, before any training. Rank 0 decodes every image first (see
+    # maskrcnn.data.images.check_images); the other ranks then find the results in its cache.
+    if dataset is None or (val_dataset is None and cfg.data.val_annotations):
+        if not main:
+            distributed.barrier()
+        if dataset is None:
+            dataset = build_train_dataset(cfg)
+        if val_dataset is None and cfg.data.val_annotations:
+            val_dataset = build_val_dataset(cfg)
+        if main:
+            distributed.barrier()
     _check_classes(cfg, dataset, val_dataset, model)
 
     # model, optimizer, schedule
