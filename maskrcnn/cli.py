@@ -2,16 +2,23 @@
 
 Every command takes ``--config`` (a model preset name such as ``R-50-FPN``, or a YAML run config) and
 ``KEY=VALUE`` overrides of the run config (dotted keys: ``solver.base_lr=0.01``, ``model.num_classes=3``,
-``data.train_images=...``). ``maskrcnn configs`` lists the presets and every key with its default.
+``data.train_images=...``), anywhere among the options. ``maskrcnn configs`` lists the presets and every key
+with its default.
+
+A mistake (a wrong key or value, a missing or unfit file, a folder that cannot be written) ends the command
+with one line on stderr, ``maskrcnn <command>: error: <what and where>``, and exit status 2; ``--verbose``
+shows the traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
+import tempfile
 
 EPILOG = """\
 configuration:
@@ -26,44 +33,106 @@ examples:
   maskrcnn eval --weights runs/r50/model_final.pt data.val_images=... data.val_annotations=...
   maskrcnn predict --weights runs/r50/model_final.pt photos/ --output-dir predictions
   maskrcnn demo
+exit status: 0 done; 2 a mistake in the command, the configuration, the inputs or the output folder (one
+  line on stderr naming the key or file; -v / --verbose shows the traceback)
+"""
+
+PREDICT_EPILOG = """\
+outputs (in --output-dir):
+  <input file name>.png   one drawing per readable image, named after the whole file name (good.jpg ->
+                          good.jpg.png, good.png -> good.png.png); inputs from several folders keep their
+                          folders below the deepest common one (a/im.jpg -> a/im.jpg.png)
+  predictions.json        COCO results entries with the input file_name
+no data loss: an --output-dir that holds any input image (e.g. the input folder itself, or a folder above it)
+  is refused, and an existing file is never written over unless --overwrite, which replaces this run's
+  own drawings and predictions.json only. Checked before the model is loaded.
+exit status: 0 when at least one image was read (unreadable ones are named, one line each, and counted);
+  2 when none could be read, or on any other mistake (one line on stderr)
 """
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser that accepts positionals (KEY=VALUE overrides, image paths) anywhere among the
+    options, e.g. ``train --config X --resume solver.max_iter=10 --device cpu``."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "R-50-FPN") -> None:
+    extra = "" if default else "; also the model config of a bare state dict given to --weights"
     p.add_argument(
-        "--config", default=default, help=f"model preset name or YAML run config (default: {default})"
+        "--config",
+        default=default,
+        help=f"model preset name or YAML run config (default: {default or 'R-50-FPN'}){extra}",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
 
 
-def _resolve_config(args):
-    from maskrcnn.config import apply_overrides, load_config_file, make_config
+def _load_config(spec: str | None):
+    """``--config``: a YAML run config file, or a model preset name (default ``R-50-FPN``)."""
+    from maskrcnn.config import PRESETS, ConfigError, load_config_file, make_config
 
-    spec = args.config
-    if spec and (spec.endswith((".yaml", ".yml")) or os.path.isfile(spec)):
-        cfg = load_config_file(spec)
-    else:
-        cfg = make_config(spec or "R-50-FPN")
-    cfg = apply_overrides(cfg, args.overrides)
+    spec = spec or "R-50-FPN"
+    if spec.endswith((".yaml", ".yml")) or os.path.isfile(spec):
+        return load_config_file(spec)
+    if spec in PRESETS:
+        return make_config(spec)
+    raise ConfigError(
+        f"unknown configuration {spec!r}: --config takes a model preset ({', '.join(sorted(PRESETS))}) "
+        "or a YAML file"
+    )
+
+
+def _resolve_config(args):
+    from maskrcnn.config import apply_overrides, validate_config
+
+    cfg = apply_overrides(_load_config(args.config), getattr(args, "overrides", []))
     if getattr(args, "output_dir", None):
         cfg.output_dir = args.output_dir
     if getattr(args, "device", None):
         cfg.device = args.device
-    return cfg
+    return validate_config(cfg)
 
 
 def _device(name: str):
-    import torch
+    from maskrcnn.engine.distributed import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
+
+
+def _check_writable(folder: str) -> None:
+    """Fail early, in one line, when ``folder`` (or the nearest existing folder above it, where it would be
+    created) cannot be written. Creates nothing."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(f"cannot write to {folder}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionError(f"cannot write to {folder}: permission denied") from None
+        if e.errno == errno.EROFS:
+            raise PermissionError(f"cannot write to {folder}: read-only file system") from None
+        raise
 
 
 def cmd_train(args) -> int:
     from maskrcnn.engine.train import train
 
     cfg = _resolve_config(args)
+    _check_writable(cfg.output_dir)
     result = train(cfg, resume=args.resume)
     print(f"final checkpoint: {result['final_checkpoint']}")
     print(f"metrics: {result['metrics']}  loss curve: {result['loss_curve']}")
@@ -71,25 +140,29 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.engine.evaluate import evaluate, format_metrics_table
     from maskrcnn.weights import load_model
 
     cfg = _resolve_config(args)
     if not (cfg.data.val_images and cfg.data.val_annotations):
-        raise SystemExit("eval needs data.val_images=DIR and data.val_annotations=FILE.json")
-    model = load_model(args.weights, device=str(_device(cfg.device)))
+        raise ConfigError("eval needs data.val_images=DIR and data.val_annotations=FILE.json")
+    out = args.output_dir or os.path.join(cfg.output_dir, "eval")
+    _check_writable(out)
+    device = _device(cfg.device)
+    # --config is the model config of a bare state dict; a checkpoint's own config is kept
+    model = load_model(args.weights, device=str(device), default_config=cfg.model if args.config else None)
     dataset = CocoDataset(
         image_dir=cfg.data.val_images,
         annotation_file=cfg.data.val_annotations,
         skip_bad=cfg.data.skip_bad_records,
     )
     if model.config.num_classes != dataset.num_classes:
-        raise SystemExit(
+        raise ConfigError(
             f"the model has {model.config.num_classes} classes (with background) but "
             f"{cfg.data.val_annotations} has {dataset.num_classes}"
         )
-    out = args.output_dir or os.path.join(cfg.output_dir, "eval")
     metrics = evaluate(model, dataset, num_workers=cfg.data.num_workers, output_dir=out)
     print(format_metrics_table(metrics, dataset.class_names))
     print(f"detections and metrics written to {out}")
@@ -97,22 +170,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from maskrcnn.engine.predict import list_images, predict
+    from maskrcnn.engine.predict import check_output_dir, list_images, predict
     from maskrcnn.weights import load_model
 
-    model = load_model(args.weights, device=str(_device(args.device or "auto")))
-    class_names = _class_names(args)
     paths = list_images(args.images)
+    check_output_dir(paths, args.output_dir, overwrite=args.overwrite)  # before the model: nothing lost
+    _check_writable(args.output_dir)
+    device = _device(args.device or "auto")
+    model_cfg = _load_config(args.config).model if args.config else None
+    model = load_model(args.weights, device=str(device), default_config=model_cfg)
     results = predict(
         model,
         paths,
         output_dir=args.output_dir,
         score_threshold=args.score_threshold,
-        class_names=class_names,
+        class_names=_class_names(args),
+        overwrite=args.overwrite,
     )
-    print(
-        f"{len(results)} detections on {len(paths)} image(s); drawings, predictions.json in {args.output_dir}"
-    )
+    line = f"{len(results)} detection(s) on {len(results.read)} image(s)"
+    if results.unreadable:
+        line += f"; {len(results.unreadable)} of {len(paths)} image(s) could not be read (named above)"
+    print(f"{line}; drawings, predictions.json in {args.output_dir}")
     return 0
 
 
@@ -149,6 +227,12 @@ def cmd_configs(args) -> int:
     return 0
 
 
+WEIGHTS_HELP = (
+    "a maskrcnn checkpoint (model_final.pt ...), torchvision maskrcnn_resnet50_fpn weights, or a bare "
+    "maskrcnn state dict together with --config (the preset or run config.yaml it was trained with)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskrcnn",
@@ -157,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and tracebacks for errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
 
     p = sub.add_parser(
         "train", help="train a model", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,22 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p)
-    p.add_argument(
-        "--weights", required=True, help="a maskrcnn checkpoint or a torchvision Mask R-CNN state_dict"
-    )
+    _add_config_args(p, default=None)
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument(
         "--output-dir", help="where coco_results.json and metrics.json go (default OUTPUT_DIR/eval)"
     )
     p.add_argument("--device", help="auto, cpu, cuda ...")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="segment images: drawings (PNG) and a COCO results JSON")
-    p.add_argument("images", nargs="+", help="image files, folders or globs")
-    p.add_argument(
-        "--weights", required=True, help="a maskrcnn checkpoint or a torchvision Mask R-CNN state_dict"
+    p = sub.add_parser(
+        "predict",
+        help="segment images: drawings (PNG) and a COCO results JSON",
+        epilog=PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output-dir", default="predictions", help="default: ./predictions")
+    p.add_argument("images", nargs="+", help="image files, folders (not recursive) or globs")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
+    )
+    p.add_argument(
+        "--output-dir",
+        default="predictions",
+        help="default: ./predictions; must not hold any input image",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace this run's drawings and predictions.json if they exist (nothing else is ever replaced)",
+    )
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score")
     p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
@@ -203,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("configs", help="list the model presets and every config key with its default")
     p.set_defaults(func=cmd_configs)
+    for p in sub.choices.values():  # -v also after the command
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -224,14 +327,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        # configuration and input errors (unknown keys, bad values, broken data, unfit checkpoints) are
-        # reported without a traceback; --verbose shows it
+    except (ValueError, KeyError, OSError) as e:
+        # mistakes in the configuration, the inputs, the weights or the output folder (ConfigError,
+        # CheckpointError, ImageReadError, OutputConflictError ... are ValueErrors; missing or unwritable
+        # files are OSErrors): one line, no traceback; --verbose shows it. Other exceptions are bugs.
         if args.verbose:
             raise
-        msg = e.args[0] if e.args else str(e)
-        print(f"maskrcnn {args.command}: error: {msg}", file=sys.stderr)
+        print(f"maskrcnn {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        message = f"{e.filename}: {e.strerror[:1].lower()}{e.strerror[1:]}"
+    elif isinstance(e, KeyError) and e.args:
+        message = str(e.args[0])
+    else:
+        message = str(e) or type(e).__name__
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.data.shapes import make_shapes_dataset
@@ -149,3 +152,252 @@ def test_demo_end_to_end_with_its_own_config(tmp_path, capsys):
     assert os.path.isfile(summary["checkpoint"]) and os.path.isdir(summary["predictions"])
     assert (tmp_path / "train" / "loss_curve.png").is_file()
     assert "[demo] done" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Every mistake: one line naming the key, file or record, exit status 2, no traceback
+# --------------------------------------------------------------------------------------------------
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["train", "--config", missing]) == 2
+    assert _error(capsys) == f"maskrcnn train: error: config file not found: {missing}"
+    assert main(["eval", "--weights", "w.pt", "--config", "nope"]) == 2
+    assert "unknown configuration 'nope': --config takes a model preset (R-101-C4" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("solver.base_lr=-0.1", "solver.base_lr=-0.1: expected a positive number"),
+        ("model.input.min_size=[224,", "model.input.min_size=[224,: cannot read the value"),
+        ("model.input.min_size=[-5]", "model.input.min_size=(-5,): expected a non-empty tuple of positive"),
+        ("model.input.pixel_mean=[0.5]", "model.input.pixel_mean=(0.5,): expected 3 numbers"),
+        (
+            "model.pixel_mean=[0.5]",
+            "unknown config key 'model.pixel_mean'; did you mean model.input.pixel_mean?",
+        ),
+        ("solver.base_lr", "override 'solver.base_lr' must look like KEY=VALUE"),
+        ("device=gpu", "device='gpu': expected 'auto', 'cpu', 'cuda'"),
+    ],
+)
+def test_bad_overrides_are_one_line_naming_the_key(tmp_path, capsys, override, message):
+    assert main(["train", "--output-dir", str(tmp_path / "run"), override]) == 2
+    line = _error(capsys)
+    assert line.startswith(f"maskrcnn train: error: {message}"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_message_is_exact(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path), "solver.base_lr=-0.1"]) == 2
+    assert (
+        capsys.readouterr().err == "maskrcnn train: error: solver.base_lr=-0.1: expected a positive number\n"
+    )
+
+
+def test_overrides_anywhere_among_the_options():
+    from maskrcnn.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--config", "X", "--resume", "a=1", "--device", "cpu", "b=2", "-v"])
+    assert args.overrides == ["a=1", "b=2"] and args.resume and args.device == "cpu" and args.verbose
+    args = parser.parse_args(["eval", "a=1", "--weights", "w.pt", "b=2", "--config", "X", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"] and args.weights == "w.pt"
+    args = parser.parse_args(["predict", "--weights", "w", "a.jpg", "--score-threshold", "0.1", "b.jpg"])
+    assert args.images == ["a.jpg", "b.jpg"] and args.score_threshold == 0.1
+    args = parser.parse_args(["demo", "--output-dir", "d", "solver.max_iter=1", "--verbose"])
+    assert args.overrides == ["solver.max_iter=1"] and args.verbose
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys, checkpoint, images):
+    expected = "error: device=cuda but CUDA is not available on this machine"
+    assert main(["train", "--output-dir", str(tmp_path), "device=cuda", "--config", "R-18-FPN-small"]) == 2
+    assert _error(capsys) == f"maskrcnn train: {expected}"
+    eval_args = ["--weights", checkpoint, "data.val_images=x", "data.val_annotations=y.json"]
+    assert main(["eval", *eval_args, "--device", "cuda", "--output-dir", str(tmp_path / "e")]) == 2
+    assert _error(capsys) == f"maskrcnn eval: {expected}"
+    out = str(tmp_path / "p")
+    assert main(["predict", "--weights", checkpoint, images, "--device", "cuda", "--output-dir", out]) == 2
+    assert _error(capsys) == f"maskrcnn predict: {expected}"
+
+
+def _deny_writes(monkeypatch):
+    """Running as root, a read-only folder is still writable: make the write probe fail as it would."""
+    import tempfile
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, "tmpXXXX"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys, monkeypatch, checkpoint, images):
+    _deny_writes(monkeypatch)
+    ro = str(tmp_path / "ro")
+    assert main(["train", "--config", "R-18-FPN-small", "--output-dir", ro]) == 2
+    assert _error(capsys) == f"maskrcnn train: error: cannot write to {ro}: permission denied"
+    data = ["data.val_images=x", "data.val_annotations=y.json"]
+    assert main(["eval", "--weights", checkpoint, "--output-dir", ro, *data]) == 2
+    assert _error(capsys) == f"maskrcnn eval: error: cannot write to {ro}: permission denied"
+    assert main(["predict", "--weights", checkpoint, images, "--output-dir", ro]) == 2
+    assert _error(capsys) == f"maskrcnn predict: error: cannot write to {ro}: permission denied"
+
+
+def test_eval_without_val_data_is_one_line(capsys):
+    assert main(["eval", "--weights", "w.pt"]) == 2
+    assert (
+        _error(capsys)
+        == "maskrcnn eval: error: eval needs data.val_images=DIR and data.val_annotations=FILE.json"
+    )
+
+
+def test_verbose_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
+    from maskrcnn import config
+
+    with pytest.raises(config.ConfigError):
+        main(["-v", "train", "--output-dir", str(tmp_path), "solver.base_lr=-1"])
+    with pytest.raises(config.ConfigError):
+        main(["train", "--output-dir", str(tmp_path), "solver.base_lr=-1", "--verbose"])
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(config, "load_config_file", bug)
+    (tmp_path / "run.yaml").write_text("seed: 1\n")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--config", str(tmp_path / "run.yaml")])
+
+
+# --------------------------------------------------------------------------------------------------
+# predict and weights from the command line
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tests.common import tiny_model
+
+    return tiny_model(num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    from maskrcnn.weights import save_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    save_checkpoint(path, model)
+    return str(path)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """A folder with good.jpg and good.png (same stem) and nothing else."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(folder / "good.jpg")
+    Image.new("RGB", (40, 32), (30, 200, 30)).save(folder / "good.png")
+    return str(folder)
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_predict_refuses_to_write_into_the_input_folder(tmp_path, capsys, checkpoint, images):
+    before = _snapshot(tmp_path)
+    for out in (images, str(tmp_path)):
+        # the weights do not exist: the refusal comes first, before any model is loaded
+        argv = [
+            "predict",
+            "--weights",
+            str(tmp_path / "absent.pt"),
+            images,
+            "--output-dir",
+            out,
+            "--overwrite",
+        ]
+        assert main(argv) == 2
+        assert _error(capsys) == (
+            f"maskrcnn predict: error: refusing to write predictions to {out}: it holds the input "
+            f"{os.path.join(images, 'good.jpg')}; choose an output folder outside the input folders"
+        )
+    assert _snapshot(tmp_path) == before
+
+
+def test_predict_outputs_are_distinct_and_never_overwritten(tmp_path, capsys, checkpoint, images):
+    out = str(tmp_path / "pred")
+    argv = ["predict", "--weights", checkpoint, images, "--output-dir", out, "--device", "cpu"]
+    assert main(argv) == 0
+    assert sorted(os.listdir(out)) == ["good.jpg.png", "good.png.png", "predictions.json"]
+    assert "on 2 image(s)" in capsys.readouterr().out
+    drawn = _snapshot(out)
+    assert main(argv) == 2  # a second run into the same folder
+    assert _error(capsys) == (
+        f"maskrcnn predict: error: {os.path.join(out, 'good.jpg.png')} exists (an earlier run?); "
+        "choose another output folder, or overwrite it (--overwrite, overwrite=True: replaces this run's "
+        "drawings and predictions.json only)"
+    )
+    assert _snapshot(out) == drawn
+    assert main([*argv, "--overwrite"]) == 0
+    assert "--overwrite" in build_help("predict") and "holds any input" in build_help("predict")
+
+
+def build_help(command):
+    from maskrcnn.cli import build_parser
+
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_predict_exit_status_with_unreadable_images(tmp_path, capsys, checkpoint, images):
+    (Path(images) / "broken.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path / "p1")
+    assert main(["predict", "--weights", checkpoint, images, "--output-dir", out]) == 0
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err
+    assert "on 2 image(s); 1 of 3 image(s) could not be read (named above)" in captured.out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (bad / name).write_bytes(b"nope")
+    assert main(["predict", "--weights", checkpoint, str(bad), "--output-dir", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    assert "a.jpg" in err and "b.png" in err  # each named
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("maskrcnn predict: error: none of the 2 input image(s) could be read")
+    )
+    assert not (tmp_path / "p2").exists()
+
+
+def test_weights_errors_name_the_file(tmp_path, capsys, model, images):
+    bare = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), bare)
+    out = str(tmp_path / "pred")
+    assert main(["predict", "--weights", bare, images, "--output-dir", out]) == 2
+    assert _error(capsys).startswith(
+        f"maskrcnn predict: error: {bare} is a bare maskrcnn state dict (no config inside)"
+    )
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("preset: R-18-FPN-small\nmodel:\n  num_classes: 3\n")
+    assert main(["predict", "--weights", bare, "--config", str(run_yaml), images, "--output-dir", out]) == 0
+    capsys.readouterr()
+    wrong = ["--config", "R-18-FPN-small", images, "--output-dir", str(tmp_path / "p2")]
+    assert main(["predict", "--weights", bare, *wrong]) == 2  # 91 classes: the shapes differ
+    assert "roi_heads.box_predictor.cls_score.weight (3, 256) vs (91, 256)" in _error(capsys)
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights")
+    assert main(["predict", "--weights", str(text), images, "--output-dir", str(tmp_path / "p3")]) == 2
+    assert _error(capsys).startswith(f"maskrcnn predict: error: cannot read checkpoint {text}")
+    assert main(["predict", "--weights", str(tmp_path / "none.pt"), images, "--output-dir", out + "4"]) == 2
+    assert _error(capsys) == f"maskrcnn predict: error: checkpoint not found: {tmp_path / 'none.pt'}"
