@@ -263,6 +263,8 @@ def load_config_file(path: str) -> Config:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text (YAML) file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     preset = data.pop("preset", None)
