@@ -20,7 +20,10 @@ CLS_SCALE = 0.5
 
 
 def parity_weights(seed: int = SEED) -> dict[str, torch.Tensor]:
-    """Seeded weights in this package's ``tv-R-50-FPN`` layout (91 classes)."""
+    """Seeded weights in this package's ``tv-R-50-FPN`` layout (91 classes), float32.
+
+    Drawn in float64 and rounded: float32 ``torch.randn`` depends on the CPU (ATen's AVX2 kernel uses
+    approximate log/sin/cos, its AVX-512 and scalar builds libm's), float64 draws use libm everywhere."""
     from maskrcnn.modeling.build import build_model
 
     shapes = {k: v.shape for k, v in build_model("tv-R-50-FPN").state_dict().items()}
@@ -28,16 +31,17 @@ def parity_weights(seed: int = SEED) -> dict[str, torch.Tensor]:
     out = {}
     for key, shape in shapes.items():
         if key.endswith("running_mean"):
-            t = torch.randn(shape, generator=g) * 0.1
+            t = torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
         elif key.endswith("running_var"):
-            t = 1.0 + torch.rand(shape, generator=g) * 0.5
+            t = 1.0 + torch.rand(shape, generator=g, dtype=torch.float64) * 0.5
         elif ".bn" in key or "downsample.1" in key:  # FrozenBatchNorm weight / bias
-            t = (1.0 if key.endswith("weight") else 0.0) + torch.randn(shape, generator=g) * 0.1
+            base = 1.0 if key.endswith("weight") else 0.0
+            t = base + torch.randn(shape, generator=g, dtype=torch.float64) * 0.1
         elif key.endswith("bias"):
-            t = torch.randn(shape, generator=g) * 0.01
+            t = torch.randn(shape, generator=g, dtype=torch.float64) * 0.01
         else:
             fan_in = math.prod(shape[1:])
-            t = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
+            t = torch.randn(shape, generator=g, dtype=torch.float64) * math.sqrt(2.0 / fan_in)
             if re.search(r"layer\d\.\d+\.conv3", key):
                 t = t * 0.5  # the last conv of each residual branch: keep the stream from growing unbounded
         if key.endswith("cls_score.weight"):

@@ -67,8 +67,9 @@ class ImageTransform(nn.Module):
         )
         self.max_size = int(max_size)
         self.size_divisible = int(size_divisible)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), persistent=False)
+        # Python floats, made tensors in each image's dtype (a float32 buffer would round them for float64)
+        self.pixel_mean = tuple(float(v) for v in pixel_mean)
+        self.pixel_std = tuple(float(v) for v in pixel_std)
 
     def scale_factor(self, size: tuple[int, int], min_size: int) -> float:
         """The resize factor for an image of ``size (h, w)``."""
@@ -114,7 +115,9 @@ class ImageTransform(nn.Module):
                 raise ValueError(f"image {i}: expected float values in [0, 1], got dtype {image.dtype}")
         resized, new_targets = [], [] if targets is not None else None
         for i, image in enumerate(images):
-            image = (image - self.pixel_mean.to(image)) / self.pixel_std.to(image)
+            mean = torch.as_tensor(self.pixel_mean, dtype=image.dtype, device=image.device).view(3, 1, 1)
+            std = torch.as_tensor(self.pixel_std, dtype=image.dtype, device=image.device).view(3, 1, 1)
+            image = (image - mean) / std
             image, target = self._resize(image, targets[i] if targets is not None else None)
             resized.append(image)
             if new_targets is not None:

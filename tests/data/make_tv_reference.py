@@ -6,8 +6,10 @@ Run with the tvref environment (torchvision's genuine kernels on a CPU torch; se
 
 The weights come from tests/tv_parity.parity_weights (no torchvision needed to rebuild them), renamed to
 torchvision's layout and loaded into ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)``; the
-images are two COCO val images from shared/data/coco-mini, read as uint8 / 255. Stored per image: boxes,
-labels, scores, and the pasted mask probabilities at the pixels chosen by tv_parity.mask_probe.
+images are two COCO val images from shared/data/coco-mini, read as uint8 / 255. The model and images run
+in float64 (torchvision's CPU kernels support it), so the reference holds the model's arithmetic and not
+one CPU's float32 rounding (see tests/test_tv_parity.py). Stored per image: boxes, labels, scores, and the
+pasted mask probabilities at the pixels chosen by tv_parity.mask_probe.
 """
 
 import argparse
@@ -37,10 +39,10 @@ def main():
     own = model.state_dict()
     tv_sd.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked")})
     model.load_state_dict(tv_sd, strict=True)
-    model.eval()
+    model.eval().double()
     outputs = []
     for name in IMAGES:
-        image = read_image(os.path.join(args.shared, "data", "coco-mini", "val2017", name))
+        image = read_image(os.path.join(args.shared, "data", "coco-mini", "val2017", name)).double()
         with torch.no_grad():
             (out,) = model([image])
         size = tuple(image.shape[-2:])
@@ -64,6 +66,7 @@ def main():
     torch.save(
         {
             "seed": SEED,
+            "dtype": "float64",
             "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__),
             "outputs": outputs,
