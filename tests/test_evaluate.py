@@ -490,6 +490,7 @@ def _distributed_worker(rank, world_size, init_file, image_dir, ann_file, out_di
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.usefixtures("one_thread")  # as the workers: the same kernels on the same images, same rounding
 def test_evaluate_distributed_matches_single_process(tmp_path, data_stand_ins):
     CocoDataset = data_stand_ins
     image_dir, ann_file = write_tiny_dataset(tmp_path)
