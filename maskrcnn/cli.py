@@ -133,7 +133,7 @@ def cmd_train(args) -> int:
 
     cfg = _resolve_config(args)
     _check_writable(cfg.output_dir)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"final checkpoint: {result['final_checkpoint']}")
     print(f"metrics: {result['metrics']}  loss curve: {result['loss_curve']}")
     return 0
@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUTPUT_DIR that holds another run, deleting that run's checkpoints, "
+        "metrics and evaluations (other files stay); without it (or --resume) such a folder is refused",
+    )
     p.add_argument("--output-dir", help="where checkpoints, metrics and plots go (overrides output_dir)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (overrides device)")
     p.set_defaults(func=cmd_train)
@@ -325,8 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from maskrcnn.engine.interrupt import TrainingInterrupted
+
     try:
         return args.func(args)
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM during training: a checkpoint was written
+        print(f"maskrcnn {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: files are whole (atomic writes)
+        print(f"maskrcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:  # training diverged; the message names the last good checkpoint
+        if args.verbose:
+            raise
+        print(f"maskrcnn {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except (ValueError, KeyError, OSError) as e:
         # mistakes in the configuration, the inputs, the weights or the output folder (ConfigError,
         # CheckpointError, ImageReadError, OutputConflictError ... are ValueErrors; missing or unwritable

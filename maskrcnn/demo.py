@@ -81,7 +81,7 @@ def run_demo(
         f"[demo] 2/4 training {cfg.solver.max_iter} iterations on {torch.get_num_threads()} CPU thread(s)"
         f" -> {cfg.output_dir}"
     )
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # the demo's own folder: a rerun replaces the previous demo's run
     metrics = result.get("eval") or {}
     val = CocoDataset(image_dir=cfg.data.val_images, annotation_file=cfg.data.val_annotations)
     print("[demo] 3/4 COCO evaluation on the held-out val split")

@@ -401,3 +401,78 @@ def test_weights_errors_name_the_file(tmp_path, capsys, model, images):
     assert _error(capsys).startswith(f"maskrcnn predict: error: cannot read checkpoint {text}")
     assert main(["predict", "--weights", str(tmp_path / "none.pt"), images, "--output-dir", out + "4"]) == 2
     assert _error(capsys) == f"maskrcnn predict: error: checkpoint not found: {tmp_path / 'none.pt'}"
+
+
+def test_train_cli_refuses_another_run_and_stops_cleanly_on_sigterm(tmp_path, monkeypatch, capsys):
+    """The train command's side of the run-folder protection and of a scheduler's SIGTERM."""
+    import signal
+
+    from maskrcnn.engine import train as train_module
+    from maskrcnn.engine.interrupt import TrainingInterrupted
+
+    stopped = "training stopped by SIGTERM after iteration 3 of 9; checkpoint c.pt. Resume with: ..."
+
+    def interrupted(cfg, **kwargs):
+        assert kwargs == {"resume": False, "overwrite": True}
+        raise TrainingInterrupted(
+            stopped,
+            signum=signal.SIGTERM,
+            iteration=3,
+            checkpoint="c.pt",
+        )
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    args = ["train", "--config", "R-18-FPN-small", f"output_dir={tmp_path / 'run'}", "--overwrite"]
+    assert main(args) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == f"maskrcnn train: {stopped}"
+
+    def refused(cfg, **kwargs):
+        raise train_module.RunExistsError("runs/x holds another run (model_final.pt): pass --resume ...")
+
+    monkeypatch.setattr(train_module, "train", refused)
+    assert main(args[:-1]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "maskrcnn train: error: runs/x holds another run (model_final.pt): pass --resume ..."
+    )
+
+    def second_ctrl_c(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", second_ctrl_c)
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == "maskrcnn train: interrupted"
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_real_signal_to_maskrcnn_train_checkpoints_and_exits(shapes, tmp_path, signame):
+    """The whole command in its own process (2 loader workers, which Ctrl-C reaches too): the signal
+    finishes the iteration, a checkpoint is written, one line names it, the exit status is 128 + signum."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [*TINY, "solver.max_iter=10000", "checkpoint_period=0", "data.num_workers=2", f"output_dir={out}"]
+    args += [f"data.train_images={shapes['train_images']}"]
+    args += [f"data.train_annotations={shapes['train_annotations']}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maskrcnn.cli", "train", "--config", "R-18-FPN-small", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's: the signal reaches the workers too
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, getattr(signal, signame))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"maskrcnn train: training stopped by {signame} after iteration "), err
+    assert "Traceback" not in err
+    checkpoint = (out / "last_checkpoint").read_text().strip()
+    assert checkpoint in last and (out / checkpoint).exists() and "--resume" in last
+    assert not [n for n in os.listdir(out) if ".tmp." in n]

@@ -220,15 +220,21 @@ def build_train_loader(
         collate_fn=collate,
         # worker base seeds come from this generator, not from (and without advancing) torch's global RNG
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_defer_stop_signals,
     )
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C signals the whole process group: workers leave it to the training process, which finishes
-    its iteration, checkpoints and stops them (:mod:`maskrcnn.engine.interrupt`). SIGTERM keeps its
-    default (the loader itself terminates stuck workers with it); the loop survives a worker it killed."""
+WORKER_SIGTERM_GRACE = 120  # seconds a worker outlives a SIGTERM, unless the loader stops it first
+
+
+def _defer_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and a scheduler's SIGTERM reach the whole process group. A worker killed by one would make
+    the loader raise inside the training process's iteration, so workers leave them to the training
+    process, which finishes its iteration, checkpoints and shuts them down (:mod:`maskrcnn.engine.interrupt`):
+    SIGINT is ignored; SIGTERM ends the worker only after WORKER_SIGTERM_GRACE seconds (SIGALRM), so a
+    stuck worker that the loader terminates still goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_SIGTERM_GRACE))
 
 
 class _Indexed(Dataset):
@@ -256,5 +262,6 @@ def build_test_loader(
         sampler=InferenceSampler(len(dataset), rank=rank, world_size=world_size),
         num_workers=num_workers,
         collate_fn=collate,
+        worker_init_fn=_defer_stop_signals,  # an evaluation inside training survives its stop signal
         generator=torch.Generator().manual_seed(0),
     )
