@@ -3,7 +3,10 @@
 The reference (tests/data/tv_reference.pt, made by tests/data/make_tv_reference.py with tvref) holds
 torchvision's detections with seeded weights on two coco-mini val images; this prints, per image, whether
 the detections come in the same order and the max differences of boxes, scores and probed mask values,
-for the exact mode (torchvision's float operations) and the default fast mode. No torchvision needed.
+for the exact mode (torchvision's float operations) and the default fast mode, in float64 (the reference's
+dtype: differences are the two models' arithmetic) and in float32 (differences include float32 rounding,
+amplified by the random weights; detections are matched within a score difference of 1e-3 there). No
+torchvision needed.
 
     .venv/bin/python benchmarks/parity_model.py
 """
@@ -26,33 +29,41 @@ def main() -> int:
 
     torch.set_num_threads(2)
     reference = torch.load(REFERENCE, weights_only=True)
-    model = load_model(to_torchvision(parity_weights(reference["seed"])))
+    weights = to_torchvision(parity_weights(reference["seed"]))
     print(
         "| mode | image | detections (ours / tv) | same order | max box diff px | max score diff "
         "| max mask diff |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for fast in (False, True):
-        model.set_fast_inference(fast)
-        for ref in reference["outputs"]:
-            image = read_image(os.path.join(COCO_VAL, ref["file"]))
-            with torch.no_grad():
-                (out,) = model([image])
-            mode = "fast" if fast else "exact"
-            row = f"| {mode} | {ref['file']} | {len(out['boxes'])} (ours) / {len(ref['boxes'])} (tv) |"
-            try:
-                order = _match(ref, out)
-            except AssertionError as e:  # a reference detection without a counterpart
-                print(f"{row} no: {e} | | | |")
-                continue
-            masks = torch.gather(out["masks"][order][:, 0].flatten(1), 1, ref["mask_probe"])
-            print(
-                f"{row} {bool((order == torch.arange(len(order))).all())} "
-                f"| {(out['boxes'][order] - ref['boxes']).abs().max():.2e} "
-                f"| {(out['scores'][order] - ref['scores']).abs().max():.2e} "
-                f"| {(masks - ref['mask_values']).abs().max():.2e} |"
-            )
+    for dtype in (torch.float64, torch.float32):
+        for fast in (False, True):
+            model = load_model(weights).to(dtype).set_fast_inference(fast)
+            for ref in reference["outputs"]:
+                _row(model, ref, dtype, fast, read_image, _match, COCO_VAL)
     return 0
+
+
+def _row(model, ref, dtype, fast, read_image, match, coco_val) -> None:
+    import torch
+
+    image = read_image(os.path.join(coco_val, ref["file"])).to(dtype)
+    ref = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in ref.items()}
+    with torch.no_grad():
+        (out,) = model([image])
+    mode = f"{'fast' if fast else 'exact'}, {str(dtype).removeprefix('torch.')}"
+    row = f"| {mode} | {ref['file']} | {len(out['boxes'])} (ours) / {len(ref['boxes'])} (tv) |"
+    try:
+        order = match(ref, out, score_tol=1e-9 if dtype == torch.float64 else 1e-3)
+    except AssertionError as e:  # a reference detection without a counterpart
+        print(f"{row} no: {e} | | | |")
+        return
+    masks = torch.gather(out["masks"][order][:, 0].flatten(1), 1, ref["mask_probe"])
+    print(
+        f"{row} {bool((order == torch.arange(len(order))).all())} "
+        f"| {(out['boxes'][order] - ref['boxes']).abs().max():.2e} "
+        f"| {(out['scores'][order] - ref['scores']).abs().max():.2e} "
+        f"| {(masks - ref['mask_values']).abs().max():.2e} |"
+    )
 
 
 if __name__ == "__main__":
