@@ -448,6 +448,12 @@ def _mask_losses():
     return MASK_LOSSES
 
 
+def _amp_modes():
+    from maskrcnn.engine.train import AMP_MODES
+
+    return tuple(AMP_MODES)
+
+
 def _schedules():
     from maskrcnn.engine.schedule import SCHEDULES
 
@@ -568,7 +574,7 @@ _RULES: dict[type, dict] = {
         "warmup_iters": _NONNEG_INT,
         "warmup_factor": _UNIT,
         "clip_grad_norm": (_NONNEG_NUM[0], "a number >= 0 (0: no clipping)"),
-        "amp": _one_of(lambda: ("off", "bfloat16", "float16")),
+        "amp": _one_of(_amp_modes),
     },
     Config: {
         "output_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),

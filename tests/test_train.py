@@ -610,7 +610,7 @@ def test_amp_on_cpu_and_uneven_batches_are_errors(tmp_path, dataset):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         train(cfg, dataset=dataset)
     cfg.solver.amp = "fp8"
-    with pytest.raises(ValueError, match="solver.amp must be one of"):
+    with pytest.raises(ValueError, match="solver.amp='fp8': expected one of"):
         train(cfg, dataset=dataset)
     cfg.solver.amp = "off"
     cfg.solver.ims_per_batch = 3

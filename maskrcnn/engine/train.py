@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from maskrcnn.atomic import atomic_write
-from maskrcnn.config import Config
+from maskrcnn.config import Config, validate_config
 from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import (
     Checkpointer,
@@ -366,9 +366,10 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
 
 
 def _check_config(cfg: Config, world_size: int, device: torch.device) -> None:
+    """Every key's value (:func:`~maskrcnn.config.validate_config`, also for a config edited in Python),
+    then what depends on the machine: the device and the number of processes."""
+    validate_config(cfg)
     solver = cfg.solver
-    if solver.amp not in AMP_MODES:
-        raise ValueError(f"solver.amp must be one of {sorted(AMP_MODES)}, got {solver.amp!r}")
     if solver.amp != "off" and device.type != "cuda":
         raise ValueError(
             f"solver.amp={solver.amp!r} needs a CUDA device, this run is on {device}: set solver.amp=off"
@@ -377,11 +378,6 @@ def _check_config(cfg: Config, world_size: int, device: torch.device) -> None:
         raise ValueError(
             f"solver.ims_per_batch={solver.ims_per_batch} must be a positive multiple of the number of "
             f"processes ({world_size})"
-        )
-    if solver.max_iter < 0 or cfg.log_period < 1 or cfg.checkpoint_period < 0 or cfg.eval_period < 0:
-        raise ValueError(
-            "need solver.max_iter >= 0, log_period >= 1, checkpoint_period >= 0 and eval_period >= 0; got "
-            f"{solver.max_iter}, {cfg.log_period}, {cfg.checkpoint_period}, {cfg.eval_period}"
         )
 
 
