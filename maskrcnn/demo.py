@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.config import Config, apply_overrides, make_config
 
 __all__ = ["demo_config", "run_demo"]
@@ -111,7 +112,7 @@ def run_demo(
         "loss_curve": result["loss_curve"],
         "predictions": pred_dir,
     }
-    with open(os.path.join(output_dir, "summary.json"), "w") as fh:
+    with atomic_write(os.path.join(output_dir, "summary.json")) as fh:
         json.dump(summary, fh, indent=2)
     print(
         "[demo] done in {minutes} min: mask AP {mask_AP:.3f}, mask AP50 {mask_AP50:.3f}, "

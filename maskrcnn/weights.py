@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.config import ModelConfig, config_from_dict, config_to_dict, get_config
 
 __all__ = [
@@ -165,17 +166,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
         **extra,
     }
     path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the complete new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb") as fh:  # a reader sees the old file or the complete new one
+        torch.save(data, fh)
 
 
 _TORCHVISION_MARKERS = ("rpn.head.conv.0.0.", "backbone.fpn.inner_blocks.0.0.", "roi_heads.mask_head.0.0.")

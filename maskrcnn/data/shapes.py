@@ -23,6 +23,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from maskrcnn.atomic import atomic_write
+
 __all__ = ["CATEGORIES", "make_shapes_dataset"]
 
 CATEGORIES = (
@@ -38,10 +40,8 @@ _MIN_CONTRAST = 80.0  # minimum RGB distance between a shape's colour and the ba
 
 def _write_bytes(path: str, data: bytes) -> None:
     """Write atomically (temp file + rename), so concurrent writers of the same bytes cannot clash."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_write(path, "wb") as fh:
         fh.write(data)
-    os.replace(tmp, path)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

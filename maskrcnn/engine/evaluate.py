@@ -25,6 +25,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from maskrcnn.atomic import atomic_write
+
 __all__ = ["STAT_NAMES", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics_table"]
 
 #: Names of ``COCOeval.stats`` for boxes and masks, in its order.
@@ -290,9 +292,9 @@ def evaluate(
             metrics["segm"] = coco_evaluate(dataset.coco, results, "segm", image_ids=image_ids)
         if output_dir is not None:
             os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, "coco_results.json"), "w") as fh:
+            with atomic_write(os.path.join(output_dir, "coco_results.json")) as fh:
                 json.dump(results, fh)
-            with open(os.path.join(output_dir, "metrics.json"), "w") as fh:
+            with atomic_write(os.path.join(output_dir, "metrics.json")) as fh:
                 json.dump(metrics, fh, indent=2)
     if world_size > 1:
         box = [metrics]

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.data.images import read_image
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco, iterate_with_progress
 from maskrcnn.visualize import draw_instances, to_pil_image
@@ -203,7 +204,8 @@ def predict(
                     class_names=class_names,
                 )
                 os.makedirs(os.path.dirname(drawing_of[path]), exist_ok=True)
-                drawing.save(drawing_of[path])
+                with atomic_write(drawing_of[path], "wb") as fh:
+                    drawing.save(fh, format="PNG")
                 read.append(path)
                 found = detections_to_coco([out], [index], label_to_category_id=to_category)
                 for entry, label in zip(found, out["labels"].tolist()):
@@ -222,7 +224,7 @@ def predict(
             f"none of the {len(paths)} input image(s) could be read (first: {', '.join(unreadable[:3])}); "
             "nothing written"
         )
-    with open(json_path, "w") as fh:
+    with atomic_write(json_path) as fh:
         json.dump(entries, fh)
     message = f"predict: {len(read)} image(s), {len(entries)} detection(s) written to {output_dir}"
     if skipped:
