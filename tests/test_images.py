@@ -430,9 +430,9 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
     assert out[paths[0]] == (10, 30) and "could not write the image check cache" in caplog.text
 
 
-def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
+def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog, capsys):
     paths = _folder_of_images(tmp_path / "data", 4)
     monkeypatch.setattr(images_mod.time, "perf_counter", iter(range(0, 1000, 40)).__next__)
     with caplog.at_level("INFO", logger="maskrcnn.data.images"):
         check_images(paths, workers=1, progress=True)
-    assert "checking images: 1/4 images" in caplog.text and "decoded 4 file(s)" in caplog.text
+    assert "checking images: 1/4 (25%)" in capsys.readouterr().err and "decoded 4 file(s)" in caplog.text

@@ -24,9 +24,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +35,7 @@ from PIL import Image, ImageFile
 from torch import Tensor
 
 from maskrcnn.atomic import atomic_write
+from maskrcnn.progress import iterate_with_progress
 
 __all__ = [
     "ImageReadError",
@@ -199,23 +199,6 @@ def _save_cache(file: str, new: dict, dropped: set) -> None:
         logger.warning("could not write the image check cache %s: %s", file, e)
 
 
-def _progress(items: Iterable, total: int, desc: str, interval: float = 30.0) -> Iterable:
-    """A tqdm bar on a terminal; otherwise an INFO log line every ``interval`` seconds."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True, leave=False)
-        return
-    start = last = time.perf_counter()
-    for i, item in enumerate(items, 1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= interval and i < total:
-            rate = i / (now - start)
-            logger.info("%s: %d/%d images (%.0f/s, eta %.0fs)", desc, i, total, rate, (total - i) / rate)
-            last = now
-
-
 def _decoded_size(path: str) -> tuple[int, int]:
     arr = decode_image(path)
     return int(arr.shape[0]), int(arr.shape[1])
@@ -287,7 +270,7 @@ def check_images(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check") as pool:
         outcomes = pool.map(run, todo)
         if progress:
-            outcomes = _progress(outcomes, len(todo), "checking images")
+            outcomes = iterate_with_progress(outcomes, total=len(todo), desc="checking images")
         for (p, key), outcome in zip(todo, outcomes):
             results[p] = outcome
             if isinstance(outcome, ImageReadError):

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from maskrcnn.atomic import atomic_write
+from maskrcnn.progress import iterate_with_progress
 
 __all__ = ["STAT_NAMES", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics_table"]
 
@@ -157,31 +158,6 @@ def coco_evaluate(
 # --------------------------------------------------------------------------------------------------
 # Inference over a dataset
 # --------------------------------------------------------------------------------------------------
-
-
-def iterate_with_progress(
-    iterable: Iterable, *, total: int | None, desc: str, enabled: bool = True, interval: float = 30.0
-) -> Iterator:
-    """Yield from ``iterable`` showing progress: a tqdm bar on a terminal, else a line on stderr every
-    ``interval`` seconds and at the end."""
-    if not enabled:
-        yield from iterable
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
-        return
-    start = last = time.perf_counter()
-    i = 0
-    for i, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if now - last >= interval or i == total:
-            rate = i / max(now - start, 1e-9)
-            eta = f", eta {(total - i) / rate:.0f}s" if total and i < total else ""
-            print(f"{desc}: {i}/{total if total else '?'} ({rate:.2f}/s{eta})", file=sys.stderr, flush=True)
-            last = now
 
 
 def _dist() -> tuple[int, int]:

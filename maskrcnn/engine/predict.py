@@ -28,7 +28,8 @@ from torch import nn
 
 from maskrcnn.atomic import atomic_write
 from maskrcnn.data.images import read_image
-from maskrcnn.engine.evaluate import _model_device, detections_to_coco, iterate_with_progress
+from maskrcnn.engine.evaluate import _model_device, detections_to_coco
+from maskrcnn.progress import iterate_with_progress
 from maskrcnn.visualize import draw_instances, to_pil_image
 
 __all__ = [

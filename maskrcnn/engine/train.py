@@ -51,6 +51,7 @@ from maskrcnn.engine.checkpoint import (
 from maskrcnn.engine.interrupt import StopRequest, TrainingInterrupted
 from maskrcnn.engine.plot import plot_loss_curve, read_metrics
 from maskrcnn.engine.schedule import build_scheduler
+from maskrcnn.progress import Progress
 from maskrcnn.weights import (
     CheckpointError,
     is_torchvision_maskrcnn,
@@ -270,7 +271,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
     window = _Window()
     logged: dict = {}
     lr = optimizer.param_groups[0]["lr"]
-    progress = _progress_bar(solver.max_iter, start_iter, enabled=main)
+    progress = Progress(solver.max_iter, desc="train", initial=start_iter, enabled=main)
     end = time.perf_counter()
     stop = StopRequest()
     try:
@@ -319,8 +320,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
                 scheduler.step()
 
                 window.add(values, time=time.perf_counter() - end, data_time=data_time)
-                progress.set_postfix_str(_postfix(values, lr), refresh=False)
-                progress.update(1)
+                progress.update(1, status=_postfix(values, lr))
                 if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
                     logged = window.summary()  # collective: every rank logs at the same iterations
                     if main:
@@ -629,12 +629,6 @@ def _start_metrics(path: str, keep_up_to: int | None) -> None:
 def _append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
-
-
-def _progress_bar(total: int, initial: int, *, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
 
 
 def _postfix(values: dict[str, float], lr: float) -> str:
