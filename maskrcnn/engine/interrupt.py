@@ -3,15 +3,15 @@
 The first signal only asks to stop: the loop finishes the current iteration, writes a checkpoint and
 raises :class:`TrainingInterrupted`. A second SIGINT stops at once (``KeyboardInterrupt``, which the atomic
 writers survive without leaving partial files). Under DDP every process learns of a request made to any of
-them at the same iteration (:meth:`StopRequest.agreed`), so all stop together.
+them at the same iteration, so all stop together: each process's request travels as values
+(:meth:`StopRequest.votes`) in the all-reduce the loop already makes for its losses, and
+:meth:`StopRequest.agreed` reads the reduced result (no collective of its own).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-
-from maskrcnn.engine import distributed
 
 __all__ = ["StopRequest", "TrainingInterrupted"]
 
@@ -53,10 +53,14 @@ class StopRequest:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def agreed(self) -> int | None:
-        """The signal to stop on, the same on every process (a collective under DDP: call it on every
-        rank at the same point), or None to go on."""
-        if distributed.get_world_size() == 1:
-            return self.signum
-        votes = distributed.all_reduce_mean({s.name: float(self.signum == s) for s in SIGNALS})
-        return next((s for s in SIGNALS if votes[s.name] > 0), None)
+    def votes(self) -> dict[str, float]:
+        """This process's request, ``{"stop_SIGINT": 0 or 1, "stop_SIGTERM": 0 or 1}``, to be averaged over
+        the processes together with the losses."""
+        return {f"stop_{s.name}": float(self.signum == s) for s in SIGNALS}
+
+    @staticmethod
+    def agreed(reduced: dict[str, float]) -> int | None:
+        """The signal to stop on (the same on every process), from averaged :meth:`votes`, which are
+        removed from ``reduced``; None to go on."""
+        votes = {s: reduced.pop(f"stop_{s.name}") for s in SIGNALS}
+        return next((s for s in SIGNALS if votes[s] > 0), None)

@@ -21,6 +21,7 @@ hardware (weights, optimizer and scheduler state, RNG states of every process, d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -252,14 +253,13 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
             if main:
                 _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **record})
             window = _Window()
-        if iteration > start_iter and last_good != checkpointer.path(Checkpointer.periodic_name(iteration)):
+        path = checkpointer.path(Checkpointer.periodic_name(iteration))
+        if last_good != path:  # not written by the periodic checkpoint of this iteration already
             path = save(Checkpointer.periodic_name(iteration), iteration)
-        else:
-            path = last_good
-        where = f"checkpoint {path}" if path else "no checkpoint (no iteration was completed)"
         raise TrainingInterrupted(
-            f"training stopped by {name} after iteration {iteration} of {solver.max_iter}; {where}. "
-            f"Resume with: maskrcnn train --config {os.path.join(out, 'config.yaml')} --resume",
+            f"training stopped by {name} after iteration {iteration} of {solver.max_iter}; "
+            f"checkpoint {path}. Resume with: "
+            f"maskrcnn train --config {os.path.join(out, 'config.yaml')} --resume",
             signum=signum,
             iteration=iteration,
             checkpoint=path,
@@ -273,77 +273,67 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
     lr = optimizer.param_groups[0]["lr"]
     progress = Progress(solver.max_iter, desc="train", initial=start_iter, enabled=main)
     end = time.perf_counter()
-    stop = StopRequest()
-    try:
-        with stop:
-            for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
-                try:
-                    images, targets = next(batches)
-                except Exception:
-                    if stop.signum is None:
-                        raise
-                    # the signal reached the loader's worker processes too: the previous iteration is whole
-                    interrupted(stop.signum, iteration - 1)
-                images = [im.to(device, non_blocking=True) for im in images]
-                targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
-                data_time = time.perf_counter() - end
+    with StopRequest() as stop, contextlib.closing(progress):
+        for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
+            images, targets = next(batches)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+            data_time = time.perf_counter() - end
 
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss_dict = model(images, targets)
-                loss = sum(loss_dict.values())
-                values = distributed.all_reduce_mean(
-                    {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            values = distributed.all_reduce_mean(  # one collective: losses and stop requests
+                {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}, **stop.votes()}
+            )
+            signum = stop.agreed(values)  # the same on every rank: all stop after this iteration
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(
+                    f"non-finite loss at iteration {iteration}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                    + "; training stopped, no checkpoint written. Last good checkpoint: "
+                    + (last_good if last_good else "none (none written yet)")
+                    + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
                 )
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(
-                        f"non-finite loss at iteration {iteration}: "
-                        + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                        + "; training stopped, no checkpoint written. Last good checkpoint: "
-                        + (last_good if last_good else "none (none written yet)")
-                        + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
-                    )
 
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if solver.clip_grad_norm > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if solver.clip_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                    optimizer.step()
-                scheduler.step()
-
-                window.add(values, time=time.perf_counter() - end, data_time=data_time)
-                progress.update(1, status=_postfix(values, lr))
-                if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
-                    logged = window.summary()  # collective: every rank logs at the same iterations
-                    if main:
-                        _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
-                    window = _Window()
-                if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
-                    if iteration < solver.max_iter:
-                        last_good = save(Checkpointer.periodic_name(iteration), iteration)
-                if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
-                    if val_dataset is not None:
-                        run_eval(iteration, f"eval_{iteration:07d}")
-                signum = stop.agreed()  # collective: every rank stops at the same iteration
-                if signum is not None and iteration < solver.max_iter:
-                    interrupted(signum, iteration)
-                end = time.perf_counter()
-
-            if start_iter < solver.max_iter or resume_path is None:
-                final = save("model_final", solver.max_iter)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if solver.clip_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
             else:
-                final = resume_path
-                logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
-    finally:
-        progress.close()
+                loss.backward()
+                if solver.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                optimizer.step()
+            scheduler.step()
+
+            window.add(values, time=time.perf_counter() - end, data_time=data_time)
+            progress.update(1, status=_postfix(values, lr))
+            if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
+                logged = window.summary()  # collective: every rank logs at the same iterations
+                if main:
+                    _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
+                window = _Window()
+            if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
+                if iteration < solver.max_iter:
+                    last_good = save(Checkpointer.periodic_name(iteration), iteration)
+            if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
+                if val_dataset is not None:
+                    run_eval(iteration, f"eval_{iteration:07d}")
+            if signum is not None and iteration < solver.max_iter:
+                interrupted(signum, iteration)
+            end = time.perf_counter()
+
+        if start_iter < solver.max_iter or resume_path is None:
+            final = save("model_final", solver.max_iter)
+        else:
+            final = resume_path
+            logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
     results = run_eval(solver.max_iter, "eval_final") if val_dataset is not None else None
     if main:
         plot_loss_curve(read_metrics(metrics_path), curve_path)

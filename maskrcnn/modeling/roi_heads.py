@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.modeling.losses import BOX_LOSSES, MASK_LOSSES, fast_rcnn_loss, mask_loss
+from maskrcnn.modeling.losses import BOX_LOSSES, MASK_LOSSES, at_least_float32, fast_rcnn_loss, mask_loss
 from maskrcnn.modeling.matcher import Matcher, subsample_labels
 from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
 from maskrcnn.ops.masks import crop_and_resize_bitmasks
@@ -271,7 +271,8 @@ class RoIHeads(nn.Module):
         labels = torch.cat([d["labels"] for d in detections])
         channel = torch.zeros_like(labels) if self.class_agnostic_mask else labels
         rows = torch.arange(labels.shape[0], device=labels.device)
-        probs = _at_least_float32(mask_logits[rows, channel]).sigmoid()[:, None]
+        logits = mask_logits[rows, channel]
+        probs = logits.to(at_least_float32(logits.dtype)).sigmoid()[:, None]
         for d, m in zip(detections, probs.split([b.shape[0] for b in boxes]), strict=True):
             d["masks"] = m
         return detections
@@ -281,7 +282,7 @@ class RoIHeads(nn.Module):
         num_rois, num_classes = class_logits.shape
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))
         boxes = boxes.view(num_rois, box_deltas.shape[1] // 4, 4).expand(num_rois, num_classes, 4)
-        scores = F.softmax(_at_least_float32(class_logits), -1)
+        scores = F.softmax(class_logits.to(at_least_float32(class_logits.dtype)), -1)
         counts = [p.shape[0] for p in proposals]
         out = []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
@@ -295,7 +296,3 @@ class RoIHeads(nn.Module):
             out.append({"boxes": b[keep], "labels": lab[keep], "scores": s[keep]})
         return out
 
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    """half / bfloat16 -> float32 (scores and mask probabilities are returned in float32)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
