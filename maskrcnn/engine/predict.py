@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from maskrcnn.atomic import atomic_write
-from maskrcnn.data.images import read_image
+from maskrcnn.data.images import ImageReadError, read_image
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco
 from maskrcnn.progress import iterate_with_progress
 from maskrcnn.visualize import draw_instances, to_pil_image
@@ -186,11 +186,9 @@ def predict(
             for index, path in items:
                 try:
                     image = read_image(path)  # the decoding of training and evaluation
-                except Exception as e:  # any decoding failure: report it and go on
+                except ImageReadError as e:  # the file is named in the message: report it and go on
                     skipped += 1
-                    print(
-                        f"predict: skipping {path}: cannot read the image ({e})", file=sys.stderr, flush=True
-                    )
+                    print(f"predict: skipping unreadable image {e}", file=sys.stderr, flush=True)
                     continue
                 pil = to_pil_image(image)  # to draw on
                 (out,) = model([image.to(device)])
