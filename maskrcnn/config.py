@@ -57,6 +57,9 @@ class BackboneConfig:
     norm: str = "frozen_bn"  # "frozen_bn" or "bn"
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + res2 (detectron2 FREEZE_AT=2), ... 5
     fpn_channels: int = 256
+    # the stem's channels; res2..res5 output base_channels * 2**i (x4 for bottlenecks). 64 = every ImageNet
+    # ResNet; 32 = half width, a quarter of the FLOPs, for training from scratch (no pretrained weights fit)
+    base_channels: int = 64
 
 
 @dataclass
@@ -478,6 +481,7 @@ _RULES: dict[type, dict] = {
         "norm": _one_of(lambda: ("frozen_bn", "bn")),
         "frozen_stages": (lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
         "fpn_channels": _POS_INT,
+        "base_channels": (lambda v: _is_int(v) and v >= 8 and v % 8 == 0, "a positive multiple of 8 (64)"),
     },
     InputConfig: {
         "min_size": (

@@ -218,6 +218,35 @@ def test_output_strides_and_channels_as_declared(depth, size):
         assert t.shape == (1, model.out_channels[name], -(-h // s), -(-w // s))
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_base_channels_scales_every_width_and_nothing_else(depth):
+    """base_channels=32 halves every channel count of the standard network (stem, every block's inner and
+    output width, shortcuts, res5), keeps the depth, kernels and strides, and the outputs follow."""
+    full, half = ResNet(depth=depth), ResNet(depth=depth, base_channels=32)
+    full_sd, half_sd = full.state_dict(), half.state_dict()
+    assert list(full_sd) == list(half_sd)
+    for key, t in full_sd.items():
+        if t.dim() == 0:  # num_batches_tracked
+            continue
+        expected = [d // 2 for d in t.shape]
+        if key == "conv1.weight":
+            expected[1] = 3  # the RGB input
+        if t.dim() == 4:
+            expected[2:] = t.shape[2:]  # kernel size unchanged
+        assert list(half_sd[key].shape) == expected, key
+    mult = 4 if depth >= 50 else 1
+    assert half.out_channels == {"c2": 32 * mult, "c3": 64 * mult, "c4": 128 * mult, "c5": 256 * mult}
+    out = half.eval()(torch.randn(1, 3, 64, 96))
+    for name, t in out.items():
+        s = half.strides[name]
+        assert t.shape == (1, half.out_channels[name], 64 // s, 96 // s)
+    res5 = make_res5(depth=depth, base_channels=32)
+    assert res5(torch.randn(2, 128 * mult, 14, 14)).shape == (2, 256 * mult, 7, 7)
+    for bad in (0, 12, 33, 64.0):
+        with pytest.raises(ValueError, match="base_channels"):
+            ResNet(depth=depth, base_channels=bad)
+
+
 def test_return_stages_subset():
     model = ResNet(depth=18, return_stages=("c3", "c5"))
     out = model(torch.randn(1, 3, 64, 64))

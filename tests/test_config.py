@@ -68,6 +68,7 @@ def test_every_key_of_every_config_dataclass_has_a_rule():
         ("model.backbone.norm=gn", "model.backbone.norm"),
         ("model.backbone.frozen_stages=6", "model.backbone.frozen_stages"),
         ("model.backbone.fpn_channels=0", "model.backbone.fpn_channels"),
+        ("model.backbone.base_channels=12", "model.backbone.base_channels=12: expected a positive multiple"),
         ("model.rpn.nms_thresh=1.5", "model.rpn.nms_thresh=1.5: expected a number in [0, 1]"),
         ("model.rpn.fg_iou_thresh=-0.1", "model.rpn.fg_iou_thresh"),
         ("model.rpn.bg_iou_thresh=0.8", "model.rpn.bg_iou_thresh=0.8: expected a number <= model.rpn"),

@@ -68,6 +68,30 @@ def test_every_named_configuration_trains_and_infers(name):
         assert out["masks"].shape[1:] == (1, 96, 128)
 
 
+@pytest.mark.parametrize("name", ["R-18-FPN-small", "R-50-C4"])
+def test_half_width_backbone_builds_trains_and_infers(name):
+    """model.backbone.base_channels=32 reaches the body and, in the C4 form, the res5 RoI head."""
+    torch.manual_seed(0)
+    cfg = tiny(get_config(name))
+    cfg.backbone.base_channels = 32
+    model = build_model(cfg)
+    full = build_model(tiny(get_config(name)))
+    body = getattr(model.backbone, "body", model.backbone)  # the FPN form wraps the ResNet
+    assert body.conv1.out_channels == 32
+    if name.endswith("C4"):  # res5 takes res4's 512 channels (1024 at full width) and gives 1024
+        assert model.roi_heads.box_head.res5[0].conv1.in_channels == 512
+        assert model.roi_heads.box_head.out_channels == 1024
+    n_half = sum(p.numel() for p in model.backbone.parameters())
+    n_full = sum(p.numel() for p in full.backbone.parameters())
+    assert n_half < 0.6 * n_full  # convolutions hold ~1/4 of the parameters; FPN convs are unchanged
+    image, target = make_sample()
+    losses = model.train()([image], [target])
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        (out,) = model.eval()([image])
+    assert out["masks"].shape[1:] == (1, 96, 128)
+
+
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one():
     torch.manual_seed(0)
     model = build_model(tiny(get_config("R-18-FPN-small")))

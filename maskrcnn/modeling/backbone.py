@@ -272,9 +272,15 @@ def resnet_spec(name: str) -> dict[str, int]:
     return {"groups": 1, "width_per_group": 64, **_SPECS[name]}
 
 
-def _stage_channels(block: type[nn.Module]) -> tuple[int, int, int, int]:
+def _stage_channels(block: type[nn.Module], base_channels: int = 64) -> tuple[int, int, int, int]:
+    """Output channels of res2..res5: ``base_channels * 2**i * expansion`` (64, 128, 256, 512 for R-18)."""
     e = block.expansion
-    return (64 * e, 128 * e, 256 * e, 512 * e)
+    return tuple(base_channels * 2**i * e for i in range(4))  # type: ignore[return-value]
+
+
+def _check_base_channels(base_channels: int) -> None:
+    if not (isinstance(base_channels, int) and base_channels >= 8 and base_channels % 8 == 0):
+        raise ValueError(f"base_channels must be a positive multiple of 8, got {base_channels!r}")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -292,6 +298,10 @@ class ResNet(nn.Module):
     Args (keyword only):
         depth: 18, 34, 50, 101 or 152.
         groups, width_per_group: ResNeXt cardinality and per-group width (1 and 64 for plain ResNet).
+        base_channels: the stem's output channels; stage ``i`` (0 = res2) outputs ``base_channels * 2**i *
+            expansion`` and a bottleneck's inner width scales with it. 64 is every torchvision/ImageNet
+            ResNet; 32 gives a half-width network (a quarter of the FLOPs) for training from scratch
+            (detectron2's ``STEM_OUT_CHANNELS`` and ``RES2_OUT_CHANNELS`` set together).
         norm: ``"frozen_bn"`` (:class:`FrozenBatchNorm2d`, the detection default) or ``"bn"``.
         frozen_stages: 0 = nothing frozen; 1 = stem (``conv1``+``bn1``); 2 = stem + ``layer1`` (detectron2
             ``FREEZE_AT=2``, torchvision ``trainable_layers=3``); ... 5 = everything. Frozen parameters get
@@ -309,6 +319,7 @@ class ResNet(nn.Module):
         depth: int,
         groups: int = 1,
         width_per_group: int = 64,
+        base_channels: int = 64,
         norm: str = "frozen_bn",
         frozen_stages: int = 1,
         return_stages: Sequence[str] = STAGE_NAMES,
@@ -318,6 +329,7 @@ class ResNet(nn.Module):
             raise ValueError(f"depth must be one of {sorted(_DEPTHS)}, got {depth}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        _check_base_channels(base_channels)
         if not 0 <= frozen_stages <= 5:
             raise ValueError(f"frozen_stages must be in [0, 5], got {frozen_stages}")
         return_stages = tuple(return_stages)
@@ -325,18 +337,18 @@ class ResNet(nn.Module):
             raise ValueError(f"return_stages must be a non-empty subset of {STAGE_NAMES}: {return_stages}")
         self.return_stages = tuple(s for s in STAGE_NAMES if s in return_stages)
         self.depth, self.groups, self.width_per_group, self.norm = depth, groups, width_per_group, norm
-        self.frozen_stages = frozen_stages
+        self.base_channels, self.frozen_stages = base_channels, frozen_stages
 
         block, num_blocks = _DEPTHS[depth]
         self.block = block
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(norm, 64)
+        self.conv1 = nn.Conv2d(3, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = make_norm(norm, base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        channels = _stage_channels(block)
+        channels = _stage_channels(block, base_channels)
         self.num_stages = STAGE_NAMES.index(self.return_stages[-1]) + 1
-        in_ch = 64
+        in_ch = base_channels
         for i in range(self.num_stages):
             stage = make_stage(
                 block=block,
@@ -393,19 +405,22 @@ def make_res5(
     depth: int,
     groups: int = 1,
     width_per_group: int = 64,
+    base_channels: int = 64,
     norm: str = "frozen_bn",
     stride: int = 2,
 ) -> nn.Sequential:
     """res5 (torchvision's ``layer4``) as a stand-alone stage for the C4 RoI head.
 
     Input ``R x C4 x 14 x 14`` RoI features (C4 = 1024, or 256 for ResNet-18/34); output
-    ``R x C5 x 7 x 7`` with the default ``stride=2`` (C5 = 2048 or 512). Keys are ``{i}.conv1.weight`` ...;
+    ``R x C5 x 7 x 7`` with the default ``stride=2`` (C5 = 2048 or 512; both scale with ``base_channels / 64``,
+    see :class:`ResNet`). Keys are ``{i}.conv1.weight`` ...;
     load ImageNet weights with ``load_imagenet_checkpoint(res5, sd, prefix="layer4.")``.
     """
     if depth not in _DEPTHS:
         raise ValueError(f"depth must be one of {sorted(_DEPTHS)}, got {depth}")
+    _check_base_channels(base_channels)
     block, num_blocks = _DEPTHS[depth]
-    channels = _stage_channels(block)
+    channels = _stage_channels(block, base_channels)
     res5 = make_stage(
         block=block,
         in_channels=channels[2],

@@ -61,7 +61,7 @@ class Res5Head(nn.Module):
     (512 channels for ResNet-18/34 instead of 2048, 256 in instead of 1024). The un-pooled res5 output is
     what the C4 mask predictor consumes; :meth:`forward_with_features` returns both.
 
-    Args (keyword only): ``depth``, ``groups``, ``width_per_group``, ``norm`` as
+    Args (keyword only): ``depth``, ``groups``, ``width_per_group``, ``base_channels``, ``norm`` as
     :class:`maskrcnn.modeling.backbone.ResNet`; ``stride`` of res5's first block (2).
     Parameters live under ``res5.*`` (``res5.0.conv1.weight`` ..., torchvision's ``layer4.*`` keys with the
     prefix renamed; load ImageNet weights with ``load_imagenet_checkpoint(head.res5, sd, prefix="layer4.")``).
@@ -73,12 +73,18 @@ class Res5Head(nn.Module):
         depth: int = 50,
         groups: int = 1,
         width_per_group: int = 64,
+        base_channels: int = 64,
         norm: str = "frozen_bn",
         stride: int = 2,
     ) -> None:
         super().__init__()
         self.res5 = make_res5(
-            depth=depth, groups=groups, width_per_group=width_per_group, norm=norm, stride=stride
+            depth=depth,
+            groups=groups,
+            width_per_group=width_per_group,
+            base_channels=base_channels,
+            norm=norm,
+            stride=stride,
         )
         last = self.res5[-1]
         self.out_channels = (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features

@@ -28,7 +28,7 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
     spec = resnet_spec(bb.name)
 
     if bb.kind == "fpn":
-        body = ResNet(**spec, norm=bb.norm, frozen_stages=bb.frozen_stages)
+        body = ResNet(**spec, base_channels=bb.base_channels, norm=bb.norm, frozen_stages=bb.frozen_stages)
         fpn = FPN(in_channels=body.out_channels, out_channels=bb.fpn_channels, extra_pool=True)
         backbone = BackboneWithFPN(body=body, fpn=fpn)
         rpn_features = ("p2", "p3", "p4", "p5", "p6")
@@ -37,7 +37,13 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         rpn_strides = tuple(backbone.strides[k] for k in rpn_features)
         roi_scales = [1.0 / backbone.strides[k] for k in roi_features]
     elif bb.kind == "c4":
-        backbone = ResNet(**spec, norm=bb.norm, frozen_stages=bb.frozen_stages, return_stages=("c4",))
+        backbone = ResNet(
+            **spec,
+            base_channels=bb.base_channels,
+            norm=bb.norm,
+            frozen_stages=bb.frozen_stages,
+            return_stages=("c4",),
+        )
         rpn_features = roi_features = ("c4",)
         channels = backbone.out_channels["c4"]
         rpn_strides = (backbone.strides["c4"],)
@@ -109,6 +115,7 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
             depth=spec["depth"],
             groups=spec.get("groups", 1),
             width_per_group=spec.get("width_per_group", 64),
+            base_channels=bb.base_channels,
             norm=bb.norm,
         )
         if hc.mask:
