@@ -412,8 +412,8 @@ def make_res5(
     """res5 (torchvision's ``layer4``) as a stand-alone stage for the C4 RoI head.
 
     Input ``R x C4 x 14 x 14`` RoI features (C4 = 1024, or 256 for ResNet-18/34); output
-    ``R x C5 x 7 x 7`` with the default ``stride=2`` (C5 = 2048 or 512; both scale with ``base_channels / 64``,
-    see :class:`ResNet`). Keys are ``{i}.conv1.weight`` ...;
+    ``R x C5 x 7 x 7`` with the default ``stride=2`` (C5 = 2048 or 512; both scale with
+    ``base_channels / 64``, see :class:`ResNet`). Keys are ``{i}.conv1.weight`` ...;
     load ImageNet weights with ``load_imagenet_checkpoint(res5, sd, prefix="layer4.")``.
     """
     if depth not in _DEPTHS:
