@@ -1,14 +1,21 @@
 """RoI heads: hand-computed losses, training and inference of the FPN and C4 variants, a naive reference
 for the detection post-processing, and torchvision key names."""
 
+import copy
+import hashlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from maskrcnn.config import PRESETS
+from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
+from maskrcnn.modeling.build import build_model
 from maskrcnn.modeling.losses import fast_rcnn_loss, mask_loss
+from maskrcnn.modeling.mask_branch import MaskBranch
 from maskrcnn.modeling.mask_head import (
     C4MaskPredictor,
     MaskRCNNHeads,
@@ -16,7 +23,7 @@ from maskrcnn.modeling.mask_head import (
     MLPMaskHead,
 )
 from maskrcnn.modeling.poolers import MultiLevelPooler
-from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.modeling.roi_heads import RoIBranch, RoIHeads
 from maskrcnn.ops.boxes import BoxCoder
 
 C, K = 8, 3  # feature channels, classes (with the background)
@@ -121,44 +128,71 @@ def test_mask_loss_empty(kind):
 # ------------------------------------------------------------------------------------------ the heads
 
 
-def fpn_heads(*, mask="fcn", **kw) -> RoIHeads:
-    mask_kw = {}
-    agnostic = kw.get("class_agnostic_mask", False)
+# options of the helpers -> (branch, its keyword)
+_BOX_OPTIONS = ("box_coder_weights", "score_thresh", "nms_thresh", "detections_per_img", "box_loss")
+_MASK_OPTIONS = {
+    "mask_loss": "mask_loss",
+    "class_agnostic_mask": "class_agnostic",
+    "mask_target_aligned": "target_aligned",
+    "mask_target_threshold": "target_threshold",
+}
+
+
+def split_options(kw):
+    """``(box branch options, mask branch options, RoIHeads options)``."""
+    kw = dict(kw)
+    box = {k: kw.pop(k) for k in _BOX_OPTIONS if k in kw}
+    mask = {new: kw.pop(old) for old, new in _MASK_OPTIONS.items() if old in kw}
+    return box, mask, kw
+
+
+def fpn_heads(*, mask="fcn", extra=(), **kw) -> RoIHeads:
+    box_kw, mask_kw, kw = split_options(kw)
+    agnostic = mask_kw.get("class_agnostic", False)
+    branches = []
     if mask == "fcn":
-        mask_kw = dict(
-            mask_pooler=MultiLevelPooler(output_size=14, scales=SCALES),
-            mask_head=MaskRCNNHeads(in_channels=C, layers=(8, 8)),
-            mask_predictor=MaskRCNNPredictor(
-                in_channels=8, dim_reduced=8, num_classes=K, class_agnostic=agnostic
-            ),
+        branches.append(
+            MaskBranch(
+                mask_pooler=MultiLevelPooler(output_size=14, scales=SCALES),
+                mask_head=MaskRCNNHeads(in_channels=C, layers=(8, 8)),
+                mask_predictor=MaskRCNNPredictor(
+                    in_channels=8, dim_reduced=8, num_classes=K, class_agnostic=agnostic
+                ),
+                **mask_kw,
+            )
         )
     elif mask == "mlp":
-        mask_kw = dict(
-            mask_pooler=MultiLevelPooler(output_size=14, scales=SCALES),
-            mask_predictor=MLPMaskHead(
-                in_channels=C, representation_size=16, num_classes=K, class_agnostic=agnostic
-            ),
+        branches.append(
+            MaskBranch(
+                mask_pooler=MultiLevelPooler(output_size=14, scales=SCALES),
+                mask_predictor=MLPMaskHead(
+                    in_channels=C, representation_size=16, num_classes=K, class_agnostic=agnostic
+                ),
+                **mask_kw,
+            )
         )
     kw.setdefault("batch_size_per_image", 32)
-    return RoIHeads(
+    box = BoxBranch(
         box_pooler=MultiLevelPooler(output_size=7, scales=SCALES),
         box_head=TwoMLPHead(in_channels=C * 49, representation_size=16),
         box_predictor=FastRCNNPredictor(in_channels=16, num_classes=K),
-        **mask_kw,
-        **kw,
+        **box_kw,
     )
+    return RoIHeads(box_branch=box, branches=[*branches, *extra], **kw)
 
 
-def c4_heads(**kw) -> RoIHeads:
-    return RoIHeads(
+def c4_heads(*, extra=(), **kw) -> RoIHeads:
+    box_kw, mask_kw, kw = split_options(kw)
+    box = BoxBranch(
         box_pooler=MultiLevelPooler(output_size=14, scales=[1 / 16], sampling_ratio=0, aligned=True),
         box_head=Res5Head(depth=18),  # 256 -> 512 channels, the smallest res5
         box_predictor=FastRCNNPredictor(in_channels=512, num_classes=K),
-        mask_predictor=C4MaskPredictor(in_channels=512, dim_reduced=8, num_classes=K),
-        shared_res5=True,
-        batch_size_per_image=8,
-        **kw,
+        **box_kw,
     )
+    mask = MaskBranch(  # no pooler: reads the box head's res5 output
+        mask_predictor=C4MaskPredictor(in_channels=512, dim_reduced=8, num_classes=K), **mask_kw
+    )
+    return RoIHeads(box_branch=box, branches=[mask, *extra], batch_size_per_image=8, **kw)
 
 
 def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
@@ -228,7 +262,7 @@ def check_eval(heads: RoIHeads, features, proposals, mask_size=28, expect_mask=T
     assert losses == {} and len(detections) == len(proposals)
     for d, (h, w) in zip(detections, [(H, W), (80, 100)], strict=True):
         n = d["boxes"].shape[0]
-        assert n <= heads.detections_per_img
+        assert n <= heads.box_branch.detections_per_img
         assert d["labels"].shape == (n,) and d["scores"].shape == (n,) and d["labels"].dtype == torch.int64
         assert ((d["labels"] >= 1) & (d["labels"] < K)).all()
         assert (d["scores"][:-1] >= d["scores"][1:]).all()
@@ -255,7 +289,8 @@ def test_sampling_and_targets():
     torch.manual_seed(0)
     features, proposals, targets = make_inputs(num_props=40)
     heads = fpn_heads(batch_size_per_image=16, positive_fraction=0.25)
-    rois, labels, matched, reg = heads._sample(proposals, targets)
+    rois, labels, matched = heads._sample(proposals, targets)
+    reg = heads.box_branch.regression_targets(rois, labels, matched, targets)
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
     for r, lab, idx, t, tgt, props in zip(rois, labels, matched, reg, targets, proposals, strict=True):
         assert r.shape[0] == lab.shape[0] == idx.shape[0] == t.shape[0] <= 16
@@ -343,19 +378,14 @@ def test_c4_masks_reuse_res5_of_the_detections():
 def test_invalid_configurations():
     with pytest.raises(ValueError):
         fpn_heads(class_agnostic_mask=True, mask_loss="softmax")
-    with pytest.raises(ValueError):  # a mask predictor without a pooler
+    with pytest.raises(TypeError):  # a mask branch without a pooler reads res5, which TwoMLPHead lacks
         RoIHeads(
-            box_pooler=MultiLevelPooler(output_size=7, scales=SCALES),
-            box_head=TwoMLPHead(in_channels=C * 49),
-            box_predictor=FastRCNNPredictor(in_channels=1024, num_classes=K),
-            mask_predictor=MaskRCNNPredictor(in_channels=C, num_classes=K),
-        )
-    with pytest.raises(TypeError):  # shared res5 needs a Res5Head
-        RoIHeads(
-            box_pooler=MultiLevelPooler(output_size=7, scales=SCALES),
-            box_head=TwoMLPHead(in_channels=C * 49),
-            box_predictor=FastRCNNPredictor(in_channels=1024, num_classes=K),
-            shared_res5=True,
+            box_branch=BoxBranch(
+                box_pooler=MultiLevelPooler(output_size=7, scales=SCALES),
+                box_head=TwoMLPHead(in_channels=C * 49),
+                box_predictor=FastRCNNPredictor(in_channels=1024, num_classes=K),
+            ),
+            branches=[MaskBranch(mask_predictor=MaskRCNNPredictor(in_channels=C, num_classes=K))],
         )
     heads = fpn_heads()
     features, proposals, targets = make_inputs()
@@ -365,6 +395,179 @@ def test_invalid_configurations():
     no_masks = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
     with pytest.raises(ValueError):
         heads(features=features, proposals=proposals, image_sizes=[(H, W)] * 2, targets=no_masks)
+
+
+# ------------------------------------------------------------------------- branches as plug-ins
+
+
+class ProbeBranch(RoIBranch):
+    """A branch that records what it is given (a stand-in for the keypoint branch); its own module only."""
+
+    name = "probe"
+    required_fields = ("probe",)
+
+    def __init__(self, *, uses_box_features: bool = False) -> None:
+        super().__init__()
+        self.probe_head = nn.Linear(4, 1)
+        self.uses_box_features = uses_box_features
+        self.seen = {}
+
+    def forward_train(self, *, features, rois, labels, matched, targets, box_features):
+        self.seen["train"] = dict(
+            features=features,
+            rois=rois,
+            labels=labels,
+            matched=matched,
+            targets=targets,
+            box_features=box_features,
+            training=self.training,
+        )
+        positive = torch.cat(rois)[torch.cat(labels) > 0]
+        return {"loss_probe": self.probe_head(positive / 100).sum()}
+
+    def forward_test(self, *, features, detections, box_features):
+        self.seen["test"] = dict(
+            detections=[dict(d) for d in detections], box_features=box_features, training=self.training
+        )
+        for d in detections:
+            d["probe"] = self.probe_head(d["boxes"] / 100)[:, 0]
+
+
+@pytest.mark.parametrize("c4", [False, True], ids=["fpn", "c4"])
+def test_an_extra_branch_plugs_in_and_gets_the_right_inputs(c4):
+    torch.manual_seed(0)
+    features, proposals, targets = make_inputs(**(dict(num_props=6, channels=256, c4=True) if c4 else {}))
+    targets = [dict(t, probe=torch.zeros(1)) for t in targets]
+    make = c4_heads if c4 else fpn_heads
+    probe = ProbeBranch(uses_box_features=c4)
+    heads = make(score_thresh=0.0, detections_per_img=3, extra=[probe])
+    plain = make(score_thresh=0.0, detections_per_img=3)
+    plain.load_state_dict({k: v for k, v in heads.state_dict().items() if not k.startswith("probe_head.")})
+    assert heads.branches[-1] is probe and heads.probe_head is probe.probe_head
+    assert "probe_head.weight" in heads.state_dict()
+
+    # training: the sampler's RoIs, labels and matched objects; the box and mask losses are unchanged
+    heads.train()
+    plain.train()
+    image_sizes = [(H, W)] * 2
+    torch.manual_seed(2)
+    _, losses = heads(features=features, proposals=proposals, image_sizes=image_sizes, targets=targets)
+    torch.manual_seed(2)
+    _, expected = plain(features=features, proposals=proposals, image_sizes=image_sizes, targets=targets)
+    assert list(losses) == ["loss_cls", "loss_box", "loss_mask", "loss_probe"]
+    assert_same(expected, losses)
+    torch.manual_seed(2)
+    rois, labels, matched = heads._sample(proposals, targets)
+    seen = probe.seen["train"]
+    assert_same([seen["rois"], seen["labels"], seen["matched"]], [rois, labels, matched])
+    assert all(a is b for a, b in zip(seen["features"], features, strict=True))
+    assert all(a is b for a, b in zip(seen["targets"], targets, strict=True))
+    assert seen["training"] is True
+    if c4:  # res5 of every sampled RoI, in the order of torch.cat(rois)
+        res5 = heads.box_head.features(heads.box_pooler(features, rois))
+        torch.testing.assert_close(seen["box_features"], res5)
+    else:
+        assert seen["box_features"] is None
+    losses["loss_probe"].backward()
+    assert probe.probe_head.weight.grad is not None
+
+    # inference: the detections (masks already added), the same box and mask outputs as without the probe
+    heads.eval()
+    plain.eval()
+    with torch.no_grad():
+        detections, _ = heads(features=features, proposals=proposals, image_sizes=[(H, W), (80, 100)])
+        reference, _ = plain(features=features, proposals=proposals, image_sizes=[(H, W), (80, 100)])
+    seen = probe.seen["test"]
+    assert seen["training"] is False
+    for d, ref, s in zip(detections, reference, seen["detections"], strict=True):
+        assert set(d) == {"boxes", "labels", "scores", "masks", "probe"} and d["probe"].shape == (3,)
+        assert set(s) == {"boxes", "labels", "scores", "masks"}
+        assert_same(ref, d)
+    if c4:  # res5 recomputed on the detections
+        with torch.no_grad():
+            res5 = heads.box_head.features(heads.box_pooler(features, [d["boxes"] for d in detections]))
+        torch.testing.assert_close(seen["box_features"], res5)
+    else:
+        assert seen["box_features"] is None
+
+    # a missing target field is named
+    heads.train()
+    no_probe = [{k: v for k, v in t.items() if k != "probe"} for t in targets]
+    with pytest.raises(ValueError, match="probe branch needs 'probe'"):
+        heads(features=features, proposals=proposals, image_sizes=image_sizes, targets=no_probe)
+    no_masks = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+    with pytest.raises(ValueError, match="mask branch needs 'masks'"):
+        heads(features=features, proposals=proposals, image_sizes=image_sizes, targets=no_masks)
+
+
+@pytest.mark.parametrize("c4", [False, True], ids=["fpn", "c4"])
+def test_branch_modules_are_registered_flat(c4):
+    torch.manual_seed(0)
+    heads = c4_heads() if c4 else fpn_heads()
+    branches = (heads.box_branch, *heads.branches)
+    expected = ["box_pooler", "box_head", "box_predictor"]
+    expected += ["mask_predictor"] if c4 else ["mask_pooler", "mask_head", "mask_predictor"]
+    assert [n for n, _ in heads.named_children()] == expected
+    for b in branches:
+        for name, child in b.named_children():
+            assert getattr(heads, name) is child
+    if c4:
+        assert heads.mask_pooler is None and heads.mask_head is None
+    params = list(heads.parameters())
+    assert len({id(p) for p in params}) == len(params) == sum(len(list(b.parameters())) for b in branches)
+
+    heads.eval()
+    assert not any(m.training for m in heads.modules()) and not any(b.training for b in branches)
+    heads.train()
+    assert all(m.training for m in heads.modules()) and all(b.training for b in branches)
+    nn.Sequential(heads).eval()  # a parent's eval() reaches the branches
+    assert not any(b.training for b in branches)
+
+    heads.to(torch.float64)
+    assert all(p.dtype == torch.float64 for b in branches for p in b.parameters())
+    heads.to(torch.float32)
+
+    twin = copy.deepcopy(heads)  # its branches hold its own modules
+    for b in (twin.box_branch, *twin.branches):
+        for name, child in b.named_children():
+            assert getattr(twin, name) is child and child is not getattr(heads, name)
+
+    replaced = FastRCNNPredictor(in_channels=heads.box_predictor.cls_score.in_features, num_classes=K + 2)
+    twin.box_predictor = replaced  # the fine-tuning idiom: the branch uses the new predictor
+    assert twin.box_branch.box_predictor is replaced and "box_predictor.cls_score.weight" in twin.state_dict()
+
+    torch.manual_seed(1)
+    fresh = c4_heads() if c4 else fpn_heads()
+    fresh.load_state_dict(heads.state_dict())
+    assert torch.equal(fresh.box_branch.box_predictor.cls_score.weight, heads.box_predictor.cls_score.weight)
+    features, proposals, _ = make_inputs(**(dict(num_props=6, channels=256, c4=True) if c4 else {}))
+    with torch.no_grad():
+        a, _ = heads.eval()(features=features, proposals=proposals, image_sizes=[(H, W)] * 2)
+        b, _ = fresh.eval()(features=features, proposals=proposals, image_sizes=[(H, W)] * 2)
+    assert_same(a, b)
+
+
+def test_invalid_branches():
+    class Owning(ProbeBranch):  # a parameter of the branch itself would be lost by the flat registration
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+    class Clashing(ProbeBranch):
+        name = "clash"
+
+        def __init__(self):
+            super().__init__()
+            self.mask_head = nn.Linear(1, 1)
+
+    with pytest.raises(TypeError, match="parameters or buffers"):
+        fpn_heads(extra=[Owning()])
+    with pytest.raises(ValueError, match="unique"):
+        fpn_heads(extra=[ProbeBranch(), ProbeBranch()])
+    with pytest.raises(ValueError, match="'mask_head'"):
+        fpn_heads(extra=[Clashing()])
+    with pytest.raises(TypeError, match="TwoMLPHead shares none"):
+        fpn_heads(extra=[ProbeBranch(uses_box_features=True)])
 
 
 # ------------------------------------------------------------------- inference against a naive reference
@@ -421,7 +624,7 @@ def test_postprocess_matches_naive_reference():
     sizes = [(H, W), (70, 90)]
     logits = torch.randn(sum(len(p) for p in props), K, generator=g) * 2
     deltas = torch.randn(logits.shape[0], 4 * K, generator=g)
-    detections = heads._postprocess(logits, deltas, props, sizes)
+    detections = heads.box_branch.postprocess(logits, deltas, props, sizes)
     offsets = [0, len(props[0])]
     for d, p, size, o in zip(detections, props, sizes, offsets, strict=True):
         ref = naive_postprocess(logits[o : o + len(p)], deltas[o : o + len(p)], p, size, 0.2, 0.4, 9)
@@ -448,3 +651,33 @@ def test_torchvision_key_names():
         "mask_head.mask_fcn2.bias",
     ):
         assert k in keys
+
+
+# State-dict keys of every preset, recorded before the RoI heads were split into branches: (number, first 16
+# hex digits of the SHA-256 of the keys joined by newlines, in order). Keys of the keypoint branch
+# (``roi_heads.keypoint_head.*``, ``roi_heads.keypoint_predictor.*``) are left out: it was added later.
+PRESET_KEYS = {
+    "R-50-C4": (279, "a91d22995ea40a30"),
+    "R-101-C4": (534, "63b2bcd72342b8ab"),
+    "R-50-FPN": (307, "4d4c6a178bd2819a"),
+    "R-101-FPN": (562, "1113f8e6658bc089"),
+    "X-101-FPN": (562, "1113f8e6658bc089"),
+    "faster-R-50-FPN": (295, "4fc8d0c22aa6e5fa"),
+    "tv-R-50-FPN": (307, "4d4c6a178bd2819a"),
+    "R-18-FPN-small": (142, "9134cd5f8bfd7269"),
+    "keypoint-R-50-FPN": (295, "4fc8d0c22aa6e5fa"),
+    "keypoint-mask-R-50-FPN": (307, "4d4c6a178bd2819a"),
+    "tv-keypoint-R-50-FPN": (295, "4fc8d0c22aa6e5fa"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESET_KEYS) & set(PRESETS)))
+def test_state_dict_keys_of_every_preset_are_unchanged(name):
+    with torch.device("meta"):  # no memory, no initialisation cost
+        keys = list(build_model(name).state_dict())
+    keypoint = [k for k in keys if k.startswith("roi_heads.keypoint_")]
+    assert all(k.startswith(("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")) for k in keypoint)
+    kept = [k for k in keys if k not in keypoint]
+    digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+    heads = [k for k in kept if k.startswith("roi_heads.") and ".res5." not in k]
+    assert (len(kept), digest) == PRESET_KEYS[name], f"the RoI heads' keys (res5 left out) are now {heads}"

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from torch import nn
+
 from maskrcnn.config import ModelConfig, get_config
 from maskrcnn.modeling.backbone import ResNet, resnet_spec
+from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
 from maskrcnn.modeling.fpn import FPN, BackboneWithFPN
+from maskrcnn.modeling.mask_branch import MaskBranch
 from maskrcnn.modeling.mask_head import C4MaskPredictor, MaskRCNNHeads, MaskRCNNPredictor, MLPMaskHead
 from maskrcnn.modeling.poolers import MultiLevelPooler
 from maskrcnn.modeling.rcnn import MaskRCNN
@@ -86,30 +92,10 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
             kind=hc.pooler,
         )
 
-    mask_pooler = mask_head = mask_predictor = None
     if bb.kind == "fpn":
         box_head = TwoMLPHead(
             in_channels=channels * hc.box_pool_size**2, representation_size=hc.representation_size
         )
-        if hc.mask:
-            mask_pooler = pooler(hc.mask_pool_size)
-            if hc.mask_head == "fcn":
-                mask_head = MaskRCNNHeads(in_channels=channels, layers=(hc.mask_head_channels,) * 4)
-                mask_predictor = MaskRCNNPredictor(
-                    in_channels=mask_head.out_channels,
-                    dim_reduced=hc.mask_head_channels,
-                    num_classes=cfg.num_classes,
-                    class_agnostic=hc.class_agnostic_mask,
-                )
-            elif hc.mask_head == "mlp":
-                mask_predictor = MLPMaskHead(
-                    in_channels=channels,
-                    in_size=hc.mask_pool_size,
-                    num_classes=cfg.num_classes,
-                    class_agnostic=hc.class_agnostic_mask,
-                )
-            else:
-                raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {hc.mask_head!r}")
     else:
         box_head = Res5Head(
             depth=spec["depth"],
@@ -118,36 +104,27 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
             base_channels=bb.base_channels,
             norm=bb.norm,
         )
-        if hc.mask:
-            if hc.mask_head != "fcn":
-                raise ValueError(
-                    "the C4 model's mask head is the res5 deconvolution; roi_heads.mask_head must be 'fcn'"
-                )
-            mask_predictor = C4MaskPredictor(
-                in_channels=box_head.out_channels,
-                num_classes=cfg.num_classes,
-                class_agnostic=hc.class_agnostic_mask,
-            )
-    roi_heads = RoIHeads(
+    branches = []  # run after the box branch, in this order
+    if hc.mask:
+        branches.append(_mask_branch(cfg, channels=channels, pooler=pooler, box_head=box_head))
+    box_branch = BoxBranch(
         box_pooler=pooler(hc.box_pool_size),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(in_channels=box_head.out_channels, num_classes=cfg.num_classes),
-        mask_pooler=mask_pooler,
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
-        fg_iou_thresh=hc.fg_iou_thresh,
-        bg_iou_thresh=hc.bg_iou_thresh,
-        batch_size_per_image=hc.batch_size_per_image,
-        positive_fraction=hc.positive_fraction,
         box_coder_weights=hc.box_reg_weights,
         score_thresh=hc.score_thresh,
         nms_thresh=hc.nms_thresh,
         detections_per_img=hc.detections_per_img,
         box_loss=hc.box_loss,
         smooth_l1_beta=hc.smooth_l1_beta,
-        mask_loss=hc.mask_loss,
-        class_agnostic_mask=hc.class_agnostic_mask,
-        shared_res5=bb.kind == "c4",
+    )
+    roi_heads = RoIHeads(
+        box_branch=box_branch,
+        branches=branches,
+        fg_iou_thresh=hc.fg_iou_thresh,
+        bg_iou_thresh=hc.bg_iou_thresh,
+        batch_size_per_image=hc.batch_size_per_image,
+        positive_fraction=hc.positive_fraction,
     )
     transform = ImageTransform(
         min_size=cfg.input.min_size,
@@ -166,3 +143,42 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         config=cfg,
     )
     return model
+
+
+def _mask_branch(
+    cfg: ModelConfig, *, channels: int, pooler: Callable[[int], MultiLevelPooler], box_head: nn.Module
+) -> MaskBranch:
+    """FPN: its own pooler, the FCN (or MLP) head and predictor. C4: no pooler, the deconvolution predictor
+    on the box head's res5 output."""
+    hc = cfg.roi_heads
+    options = dict(mask_loss=hc.mask_loss, class_agnostic=hc.class_agnostic_mask)
+    if cfg.backbone.kind == "c4":
+        if hc.mask_head != "fcn":
+            raise ValueError(
+                "the C4 model's mask head is the res5 deconvolution; roi_heads.mask_head must be 'fcn'"
+            )
+        predictor = C4MaskPredictor(
+            in_channels=box_head.out_channels,
+            num_classes=cfg.num_classes,
+            class_agnostic=hc.class_agnostic_mask,
+        )
+        return MaskBranch(mask_predictor=predictor, **options)
+    mask_pooler = pooler(hc.mask_pool_size)
+    if hc.mask_head == "fcn":
+        head = MaskRCNNHeads(in_channels=channels, layers=(hc.mask_head_channels,) * 4)
+        predictor = MaskRCNNPredictor(
+            in_channels=head.out_channels,
+            dim_reduced=hc.mask_head_channels,
+            num_classes=cfg.num_classes,
+            class_agnostic=hc.class_agnostic_mask,
+        )
+        return MaskBranch(mask_pooler=mask_pooler, mask_head=head, mask_predictor=predictor, **options)
+    if hc.mask_head == "mlp":
+        predictor = MLPMaskHead(
+            in_channels=channels,
+            in_size=hc.mask_pool_size,
+            num_classes=cfg.num_classes,
+            class_agnostic=hc.class_agnostic_mask,
+        )
+        return MaskBranch(mask_pooler=mask_pooler, mask_predictor=predictor, **options)
+    raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {hc.mask_head!r}")

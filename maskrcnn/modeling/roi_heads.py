@@ -1,22 +1,24 @@
-"""The second stage: RoI sampling and losses in training, detections and their masks at inference.
+"""The second stage: RoI sampling, then the box branch and every other branch (mask, keypoint) in turn.
 
 Training (per image): the ground-truth boxes are appended to the (detached) proposals; each RoI is matched
 to its best ground truth (IoU >= ``fg_iou_thresh`` foreground, < ``bg_iou_thresh`` background, in between
-ignored); ``batch_size_per_image`` RoIs are sampled with at most ``positive_fraction`` foreground. The box
-branch is trained on all sampled RoIs, the mask branch on the foreground ones, with targets cropped from
-the ground-truth bitmaps and resampled to the logits' ``M x M``. Label assignment runs without gradients.
+ignored); ``batch_size_per_image`` RoIs are sampled with at most ``positive_fraction`` foreground. Label
+assignment runs without gradients. The box branch (:class:`maskrcnn.modeling.box_branch.BoxBranch`) is
+trained on all sampled RoIs; each other branch gets the same RoIs, labels and matched objects and picks the
+ones it learns from (the mask branch: the foreground ones).
 
-Inference (torchvision's ``postprocess_detections``, reproduced number for number): softmax scores; boxes
-decoded per class and clipped to the image; background dropped; every (RoI, class) pair with score
-``> score_thresh`` and both sides ``>= 0.01`` px is a candidate; per-class NMS at ``nms_thresh``; the best
-``detections_per_img`` by score are kept. The mask branch then runs on those boxes only; each detection
-gets the sigmoid of its class's ``M x M`` mask logits (``masks [N, 1, M, M]``, in the box frame; pasting into
-the image is the caller's job).
+Inference: the box branch turns the proposals into detections (torchvision's ``postprocess_detections``);
+each other branch then adds its outputs to them (the mask branch: ``masks [N, 1, M, M]``).
 
-Variants (paper): FPN (``MultiLevelPooler`` 7x7 -> :class:`TwoMLPHead`; mask 14x14 -> :class:`MaskRCNNHeads`
--> :class:`MaskRCNNPredictor`) and C4 (``shared_res5=True``: 14x14 on res4 -> :class:`Res5Head`; the mask
-predictor reads res5's 7x7 output -- of the positive RoIs in training, recomputed on the detections at
-inference -- and there is no mask pooler).
+Branches and state dicts. A branch is an ``nn.Module`` whose children carry torchvision's names
+(``box_pooler``, ``box_head``, ``box_predictor``; ``mask_pooler``, ``mask_head``, ``mask_predictor``;
+``keypoint_head``, ``keypoint_predictor``). :class:`RoIHeads` registers those children flat under its own
+name space (``roi_heads.box_head.fc6.weight``, not ``roi_heads.box.box_head...``) and keeps the branch
+objects in a plain tuple, so checkpoints keep torchvision's keys. A branch therefore holds no parameters or
+buffers of its own.
+
+C4 (paper Fig. 4 left): the box head is ``Res5Head``, whose res5 output the box branch shares; a mask branch
+without a pooler reads it -- of the sampled RoIs in training, recomputed on the detections at inference.
 """
 
 from __future__ import annotations
@@ -24,51 +26,86 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.modeling.losses import BOX_LOSSES, MASK_LOSSES, at_least_float32, fast_rcnn_loss, mask_loss
+from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.matcher import Matcher, subsample_labels
-from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
-from maskrcnn.ops.masks import crop_and_resize_bitmasks
-from maskrcnn.ops.nms import batched_nms
+from maskrcnn.ops.boxes import box_iou
 
-__all__ = ["RoIHeads"]
+__all__ = ["RoIBranch", "RoIHeads"]
+
+
+class RoIBranch(nn.Module):
+    """What a branch run after the box branch implements (mask, keypoint).
+
+    Class attributes: ``name`` (in messages) and ``required_fields``, the target keys its training reads
+    (mask: ``("masks",)``; keypoint: ``("keypoints",)``); :class:`RoIHeads` checks them before anything runs
+    and names the missing one. ``uses_box_features`` (attribute or property): whether it reads the box
+    branch's shared features (C4's res5 output) instead of pooling its own.
+
+    ``forward_train(*, features, rois, labels, matched, targets, box_features) -> {"loss_<name>": Tensor}``:
+        features: the maps the poolers expect (``[N, C, H_l, W_l]`` each, finest first).
+        rois: per image the sampled RoIs ``[S_i, 4]`` (xyxy, padded-batch pixel frame, detached).
+        labels: per image ``int64 [S_i]``, 0 = background, 1..K-1 = the matched object's class.
+        matched: per image ``int64 [S_i]``, index of the matched object in the image's targets (0 for
+            background RoIs: read it only where ``labels > 0``).
+        targets: per image dicts (``"boxes"``, ``"labels"`` and the ``required_fields``).
+        box_features: the box branch's shared features ``[sum S_i, ...]`` in the order of ``torch.cat(rois)``
+            (C4), else None.
+        Losses are scalars, zero (with a graph) when there is nothing to learn from.
+    ``forward_test(*, features, detections, box_features) -> None``:
+        detections: per image ``{"boxes" [N_i, 4] (xyxy, padded-batch frame), "labels" int64 [N_i],
+            "scores" [N_i]}``; the branch adds its outputs to each dict (mask: ``"masks" [N_i, 1, M, M]``).
+        box_features: the box branch's shared features on the detections ``[sum N_i, ...]`` (in the order
+            of ``torch.cat`` of the boxes) when some branch ``uses_box_features``, else None.
+    Both are called by :class:`RoIHeads`, which decides the mode; a branch's own ``training`` flag follows
+    the heads' ``train()`` / ``eval()``.
+    """
+
+    name: str = "branch"
+    required_fields: tuple[str, ...] = ()
+    uses_box_features: bool = False
+
+    def forward_train(
+        self,
+        *,
+        features: list[Tensor],
+        rois: list[Tensor],
+        labels: list[Tensor],
+        matched: list[Tensor],
+        targets: Sequence[dict[str, Tensor]],
+        box_features: Tensor | None,
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward_test(
+        self,
+        *,
+        features: list[Tensor],
+        detections: list[dict[str, Tensor]],
+        box_features: Tensor | None,
+    ) -> None:
+        raise NotImplementedError
 
 
 class RoIHeads(nn.Module):
-    """Box (and mask) heads on top of a feature pyramid (or the single C4 map).
+    """RoI sampling, the box branch, then each of ``branches`` in order.
 
-    Modules (keyword only):
-        box_pooler: ``MultiLevelPooler`` for the box branch.
-        box_head: RoI features -> ``[K, D]`` (``TwoMLPHead`` or ``Res5Head``).
-        box_predictor: ``[K, D]`` -> ``(class_logits [K, num_classes], box_deltas [K, 4 * num_classes])``.
-        mask_pooler, mask_head, mask_predictor: the mask branch; it is enabled when ``mask_predictor`` is
-            given. ``mask_head`` may be None (e.g. the ``MLPMaskHead`` ablation is a predictor on its own).
-            ``mask_pooler`` is required unless ``shared_res5``.
-    Options:
+    Args (keyword only):
+        box_branch: :class:`maskrcnn.modeling.box_branch.BoxBranch`.
+        branches: :class:`RoIBranch` objects (``MaskBranch``; a keypoint branch), run in this order.
         fg_iou_thresh, bg_iou_thresh: matching thresholds (0.5, 0.5: no ignored RoIs).
         batch_size_per_image, positive_fraction: RoI sampling (512 / 0.25 for FPN; 64 / 0.25 for C4).
-        box_coder_weights: ``(wx, wy, ww, wh)`` of the box deltas.
-        score_thresh, nms_thresh, detections_per_img: inference (0.05, 0.5, 100).
-        box_loss, smooth_l1_beta: ``"smooth_l1"`` (beta 1/9, torchvision) or ``"l1"`` (detectron2).
-        mask_loss: ``"sigmoid"`` (the paper's) or ``"softmax"`` (Table 2b ablation); see
-            :func:`maskrcnn.modeling.losses.mask_loss`.
-        class_agnostic_mask: the mask predictor has one output channel (Table 2b ablation); must match it.
-        mask_target_aligned, mask_target_threshold, mask_target_sampling_ratio: how ground-truth bitmaps are
-            cropped into RoI targets (:func:`maskrcnn.ops.masks.crop_and_resize_bitmasks`). The defaults
-            (False, None, 0: soft targets, adaptive sampling) are torchvision's ``project_masks_on_boxes``;
-            (True, 0.5, 0) are detectron2's.
-        shared_res5: C4 mode. ``box_head`` must be a ``Res5Head``; in training the mask branch reads the
-            res5 output computed by the box branch for the positive RoIs, at inference it re-runs
-            ``box_pooler`` and res5 on the detections. ``mask_pooler`` must be None.
+    The branches' modules become children of this module under their own names (module docstring); the
+    branch objects are :attr:`box_branch` and :attr:`branches`. Replace a module through the heads
+    (``heads.box_predictor = ...``), which updates its branch, not through the branch.
 
     ``forward(*, features, proposals, image_sizes, targets=None) -> (detections, losses)``:
         features: the maps the poolers expect (``[N, C, H_l, W_l]`` each, finest first).
         proposals: per image ``[P_i, 4]`` xyxy boxes in the padded-batch pixel frame (detached here).
         image_sizes: per image ``(h, w)`` of the valid (unpadded) area; boxes are clipped to it.
-        targets (training): per image ``{"boxes": [G, 4] float, "labels": int64 [G] in 1..K-1,
-            "masks": [G, H, W] uint8/bool bitmaps in the padded frame (needed with a mask branch)}``.
+        targets (training): per image ``{"boxes": [G, 4] float, "labels": int64 [G] in 1..K-1}`` and the
+            fields the branches need (``"masks": [G, H, W]`` uint8/bool bitmaps in the padded frame).
     Training returns ``([], {"loss_cls", "loss_box"[, "loss_mask"]})``; evaluation returns one dict per
     image ``{"boxes" [N, 4], "labels" int64 [N], "scores" [N][, "masks" [N, 1, M, M]]}`` and ``{}``;
     detections are sorted by decreasing score. Inputs are never modified.
@@ -77,73 +114,60 @@ class RoIHeads(nn.Module):
     def __init__(
         self,
         *,
-        box_pooler: nn.Module,
-        box_head: nn.Module,
-        box_predictor: nn.Module,
-        mask_pooler: nn.Module | None = None,
-        mask_head: nn.Module | None = None,
-        mask_predictor: nn.Module | None = None,
+        box_branch: BoxBranch,
+        branches: Sequence[RoIBranch] = (),
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
-        box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
-        box_loss: str = "smooth_l1",
-        smooth_l1_beta: float = 1.0 / 9.0,
-        mask_loss: str = "sigmoid",
-        class_agnostic_mask: bool = False,
-        mask_target_aligned: bool = False,
-        mask_target_threshold: float | None = None,
-        mask_target_sampling_ratio: int = 0,
-        shared_res5: bool = False,
     ) -> None:
         super().__init__()
-        if box_loss not in BOX_LOSSES:
-            raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
-        if mask_loss not in MASK_LOSSES:
-            raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
-        if mask_loss == "softmax" and class_agnostic_mask:
-            raise ValueError("the softmax mask loss needs per-class masks (class_agnostic_mask=False)")
-        if shared_res5:
-            if not hasattr(box_head, "forward_with_features") or not hasattr(box_head, "features"):
+        all_branches = (box_branch, *branches)
+        names = [b.name for b in all_branches]
+        if len(set(names)) != len(names):
+            raise ValueError(f"branch names must be unique, got {names}")
+        for b in all_branches:
+            if list(b.parameters(recurse=False)) or list(b.buffers(recurse=False)):
+                raise TypeError(f"the {b.name} branch holds parameters or buffers itself (not in a child)")
+            for child_name, child in b._modules.items():
+                if child_name in self._modules:
+                    raise ValueError(f"two branches name a module {child_name!r}")
+                self.add_module(child_name, child)
+        for b in branches:
+            if b.uses_box_features and not box_branch.shares_features:
                 raise TypeError(
-                    "shared_res5=True needs a Res5Head box_head (features, forward_with_features)"
+                    f"the {b.name} branch reads the box head's features, but "
+                    f"{type(box_branch.box_head).__name__} shares none (Res5Head does)"
                 )
-            if mask_pooler is not None:
-                raise ValueError("shared_res5=True reuses the box pooler; mask_pooler must be None")
-        elif mask_predictor is not None and mask_pooler is None:
-            raise ValueError("a mask branch needs mask_pooler (or shared_res5=True)")
-        self.box_pooler = box_pooler
-        self.box_head = box_head
-        self.box_predictor = box_predictor
-        self.mask_pooler = mask_pooler
-        self.mask_head = mask_head
-        self.mask_predictor = mask_predictor
+        self._branches = all_branches  # a tuple: not registered as modules (their children are, above)
 
         self.matcher = Matcher(
             high_threshold=fg_iou_thresh, low_threshold=bg_iou_thresh, allow_low_quality_matches=False
         )
         self.batch_size_per_image = int(batch_size_per_image)
         self.positive_fraction = float(positive_fraction)
-        self.box_coder = BoxCoder(box_coder_weights)
-        self.score_thresh = float(score_thresh)
-        self.nms_thresh = float(nms_thresh)
-        self.detections_per_img = int(detections_per_img)
-        self.box_loss = box_loss
-        self.smooth_l1_beta = float(smooth_l1_beta)
-        self.mask_loss = mask_loss
-        self.class_agnostic_mask = bool(class_agnostic_mask)
-        self.mask_target_aligned = bool(mask_target_aligned)
-        self.mask_target_threshold = mask_target_threshold
-        self.mask_target_sampling_ratio = int(mask_target_sampling_ratio)
-        self.shared_res5 = bool(shared_res5)
 
     @property
-    def has_mask(self) -> bool:
-        return self.mask_predictor is not None
+    def box_branch(self) -> BoxBranch:
+        return self._branches[0]
+
+    @property
+    def branches(self) -> tuple[RoIBranch, ...]:
+        """The branches run after the box branch, in order."""
+        return self._branches[1:]
+
+    def __setattr__(self, name: str, value) -> None:
+        """``heads.box_predictor = FastRCNNPredictor(...)`` (fine-tuning) replaces the branch's module too."""
+        super().__setattr__(name, value)
+        for b in self.__dict__.get("_branches", ()):
+            if name in b._modules:
+                setattr(b, name, value)
+
+    def train(self, mode: bool = True) -> RoIHeads:
+        super().train(mode)  # the branches' modules are children of this module
+        for b in self._branches:
+            b.training = mode
+        return self
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -160,16 +184,18 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None or len(targets) != len(proposals):
                 raise ValueError("training needs one target dict per image")
+            for b in self.branches:
+                for field in b.required_fields:
+                    if any(field not in t for t in targets):
+                        raise ValueError(f"the {b.name} branch needs {field!r} in every target")
             return [], self._forward_train(list(features), list(proposals), list(targets))
         return self._forward_test(list(features), [p.detach() for p in proposals], list(image_sizes)), {}
 
-    # ----------------------------------------------------------------------------------------- training
-
     @torch.no_grad()
     def _sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
-        """Per image: sampled RoIs ``[S, 4]``, labels ``int64 [S]`` (0 = background), matched gt index
-        ``int64 [S]`` (0 for background RoIs) and regression targets ``[S, 4]`` (zero for background)."""
-        rois, labels, matched, reg = [], [], [], []
+        """Per image: sampled RoIs ``[S, 4]``, labels ``int64 [S]`` (0 = background) and matched gt index
+        ``int64 [S]`` (0 for background RoIs)."""
+        rois, labels, matched = [], [], []
         for props, t in zip(proposals, targets, strict=True):
             gt_boxes = t["boxes"].to(device=props.device, dtype=props.dtype)
             gt_labels = t["labels"].to(device=props.device, dtype=torch.int64)
@@ -187,112 +213,29 @@ class RoIHeads(nn.Module):
                 lab, num_samples=self.batch_size_per_image, positive_fraction=self.positive_fraction
             )
             keep = torch.cat([pos, neg]).sort().values  # ascending, like torchvision
-            props, lab, idx = props[keep], lab[keep], idx[keep]
-            if gt_boxes.shape[0] == 0:
-                target = torch.zeros_like(props)
-            else:
-                target = self.box_coder.encode(gt_boxes[idx], props).to(props.dtype)
-                target = torch.where((lab > 0)[:, None], target, torch.zeros_like(target))
-            rois.append(props)
-            labels.append(lab)
-            matched.append(idx)
-            reg.append(target)
-        return rois, labels, matched, reg
+            rois.append(props[keep])
+            labels.append(lab[keep])
+            matched.append(idx[keep])
+        return rois, labels, matched
 
     def _forward_train(self, features, proposals, targets) -> dict[str, Tensor]:
-        rois, labels, matched, reg = self._sample(proposals, targets)
-        box_features = self.box_pooler(features, rois)
-        if self.shared_res5:
-            pooled, res5_out = self.box_head.forward_with_features(box_features)
-        else:
-            pooled = self.box_head(box_features)
-        class_logits, box_deltas = self.box_predictor(pooled)
-        all_labels = torch.cat(labels)
-        loss_cls, loss_box = fast_rcnn_loss(
-            class_logits, box_deltas, all_labels, torch.cat(reg), beta=self.smooth_l1_beta, kind=self.box_loss
-        )
-        losses = {"loss_cls": loss_cls, "loss_box": loss_box}
-        if not self.has_mask:
-            return losses
-
-        positive = [lab > 0 for lab in labels]
-        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
-        if self.shared_res5:
-            mask_features = res5_out[all_labels > 0]
-        else:
-            mask_features = self.mask_pooler(features, pos_rois)
-        mask_logits = self._mask_logits(mask_features)
-        size = mask_logits.shape[-1]
-        with torch.no_grad():
-            mask_targets = []
-            for t, r, p, idx in zip(targets, pos_rois, positive, matched, strict=True):
-                if "masks" not in t:
-                    raise ValueError("the mask branch needs 'masks' in every target")
-                crop = crop_and_resize_bitmasks(
-                    t["masks"],
-                    r,
-                    idx[p],
-                    size,
-                    aligned=self.mask_target_aligned,
-                    sampling_ratio=self.mask_target_sampling_ratio,
-                    threshold=self.mask_target_threshold,
-                )
-                mask_targets.append(crop.to(mask_logits.device))
-            mask_targets = torch.cat(mask_targets)
-        pos_labels = all_labels[all_labels > 0]
-        losses["loss_mask"] = mask_loss(mask_logits, pos_labels, mask_targets, kind=self.mask_loss)
+        rois, labels, matched = self._sample(proposals, targets)
+        sample = dict(features=features, rois=rois, labels=labels, matched=matched, targets=targets)
+        losses, box_features = self.box_branch.forward_train(**sample)
+        for b in self.branches:
+            branch_losses = b.forward_train(**sample, box_features=box_features)
+            if repeated := sorted(losses.keys() & branch_losses.keys()):
+                raise ValueError(f"the {b.name} branch repeats the losses {repeated}")
+            losses.update(branch_losses)
         return losses
 
-    def _mask_logits(self, mask_features: Tensor) -> Tensor:
-        if self.mask_head is not None:
-            mask_features = self.mask_head(mask_features)
-        logits = self.mask_predictor(mask_features)
-        if (logits.shape[1] == 1) != self.class_agnostic_mask:
-            raise ValueError(
-                f"the mask predictor gives {logits.shape[1]} channels, "
-                f"inconsistent with class_agnostic_mask={self.class_agnostic_mask}"
-            )
-        return logits
-
-    # ---------------------------------------------------------------------------------------- inference
-
     def _forward_test(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
-        box_features = self.box_pooler(features, proposals)
-        class_logits, box_deltas = self.box_predictor(self.box_head(box_features))
-        detections = self._postprocess(class_logits, box_deltas, proposals, image_sizes)
-        if not self.has_mask:
-            return detections
-        boxes = [d["boxes"] for d in detections]
-        if self.shared_res5:
-            mask_features = self.box_head.features(self.box_pooler(features, boxes))
-        else:
-            mask_features = self.mask_pooler(features, boxes)
-        mask_logits = self._mask_logits(mask_features)
-        labels = torch.cat([d["labels"] for d in detections])
-        channel = torch.zeros_like(labels) if self.class_agnostic_mask else labels
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        logits = mask_logits[rows, channel]
-        probs = logits.to(at_least_float32(logits.dtype)).sigmoid()[:, None]
-        for d, m in zip(detections, probs.split([b.shape[0] for b in boxes]), strict=True):
-            d["masks"] = m
+        detections = self.box_branch.forward_test(
+            features=features, proposals=proposals, image_sizes=image_sizes
+        )
+        box_features = None
+        if any(b.uses_box_features for b in self.branches):
+            box_features = self.box_branch.shared_features(features, [d["boxes"] for d in detections])
+        for b in self.branches:
+            b.forward_test(features=features, detections=detections, box_features=box_features)
         return detections
-
-    def _postprocess(self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes):
-        """torchvision's ``postprocess_detections`` (module docstring); one dict per image."""
-        num_rois, num_classes = class_logits.shape
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))
-        boxes = boxes.view(num_rois, box_deltas.shape[1] // 4, 4).expand(num_rois, num_classes, 4)
-        scores = F.softmax(class_logits.to(at_least_float32(class_logits.dtype)), -1)
-        counts = [p.shape[0] for p in proposals]
-        out = []
-        for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
-            # candidates: (RoI, class >= 1) pairs above the score threshold, in RoI-major order
-            flat = torch.nonzero(s[:, 1:].reshape(-1) > self.score_thresh).squeeze(1)
-            roi, lab = flat // (num_classes - 1), flat % (num_classes - 1) + 1
-            b, s = clip_boxes(b[roi, lab], size), s[roi, lab]
-            keep = remove_small_boxes(b, 1e-2)
-            b, s, lab = b[keep], s[keep], lab[keep]
-            keep = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
-            out.append({"boxes": b[keep], "labels": lab[keep], "scores": s[keep]})
-        return out
-
