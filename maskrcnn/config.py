@@ -112,6 +112,12 @@ class RoIHeadsConfig:
     mask_head_channels: int = 256  # width of the FCN mask head's convs and deconv
     mask_loss: str = "sigmoid"  # "sigmoid" (per-class binary) or "softmax" (multinomial, Table 2b)
     class_agnostic_mask: bool = False
+    # the keypoint branch (paper section 5; torchvision's keypointrcnn): one 56x56 heatmap per keypoint,
+    # pooled with roi_heads.pooler (RoIAlign, or RoIPool for Table 6's ablation)
+    keypoint: bool = False
+    num_keypoints: int = 17  # K: COCO person's 17
+    keypoint_pool_size: int = 14
+    keypoint_head_channels: tuple[int, ...] = (512,) * 8  # the 3x3 convs before the deconvolution
 
 
 @dataclass
@@ -135,6 +141,9 @@ class DataConfig:
     skip_bad_records: bool = False  # False: stop before training on the first broken record (listing all)
     horizontal_flip: float = 0.5  # probability, training only
     num_workers: int = 2
+    # OKS sigmas of keypoint evaluation, one per keypoint; empty: COCO's (the data set must then have COCO's
+    # 17 person keypoints; any other keypoint count without sigmas stops the evaluation, naming this key)
+    keypoint_oks_sigmas: tuple[float, ...] = ()
 
 
 @dataclass
@@ -216,6 +225,17 @@ def _torchvision() -> ModelConfig:
     return cfg
 
 
+def _keypoint(*, mask: bool, torchvision: bool = False) -> ModelConfig:
+    """Person keypoints (background + person), R-50-FPN; training draws the short side from 640-800 as in
+    the paper and torchvision (evaluation at 800)."""
+    cfg = _torchvision() if torchvision else _fpn("resnet50")
+    cfg.num_classes = 2
+    cfg.input.min_size = (640, 672, 704, 736, 768, 800)
+    cfg.roi_heads.mask = mask
+    cfg.roi_heads.keypoint = True
+    return cfg
+
+
 def _faster() -> ModelConfig:
     cfg = _fpn("resnet50")
     cfg.roi_heads.mask = False
@@ -231,6 +251,10 @@ PRESETS = {
     "faster-R-50-FPN": _faster,
     "tv-R-50-FPN": _torchvision,  # torchvision's maskrcnn_resnet50_fpn, weight- and output-compatible
     "R-18-FPN-small": _small,  # trains on a CPU
+    "keypoint-R-50-FPN": lambda: _keypoint(mask=False),  # paper Table 4 (keypoint only)
+    "keypoint-mask-R-50-FPN": lambda: _keypoint(mask=True),  # paper Table 5 (keypoint & mask jointly)
+    # torchvision's keypointrcnn_resnet50_fpn, weight- and output-compatible
+    "tv-keypoint-R-50-FPN": lambda: _keypoint(mask=False, torchvision=True),
 }
 
 
@@ -545,6 +569,13 @@ _RULES: dict[type, dict] = {
         "mask_head_channels": _POS_INT,
         "mask_loss": _one_of(_mask_losses),
         "class_agnostic_mask": _BOOL,
+        "keypoint": _BOOL,
+        "num_keypoints": _POS_INT,
+        "keypoint_pool_size": _POS_INT,
+        "keypoint_head_channels": (
+            lambda v: _seq(v, lambda x: _is_int(x) and x > 0, nonempty=True),
+            "a non-empty tuple of positive channel counts, e.g. (512,) * 8",
+        ),
     },
     ModelConfig: {
         "num_classes": (
@@ -561,6 +592,10 @@ _RULES: dict[type, dict] = {
         "skip_bad_records": _BOOL,
         "horizontal_flip": (lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
         "num_workers": _NONNEG_INT,
+        "keypoint_oks_sigmas": (
+            lambda v: _seq(v, lambda x: _is_num(x) and x > 0),
+            "a tuple of positive numbers, one per keypoint, or () for COCO's 17 person keypoints",
+        ),
     },
     SolverConfig: {
         "ims_per_batch": _POS_INT,
@@ -651,6 +686,8 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
     hc = m.roi_heads
     if hc.mask and m.backbone.kind == "c4" and hc.mask_head != "fcn":
         _fail(f"{prefix}roi_heads.mask_head", hc.mask_head, "'fcn' with backbone.kind='c4' (the res5 head)")
+    if hc.keypoint and m.backbone.kind != "fpn":
+        _fail(f"{prefix}roi_heads.keypoint", True, "false with backbone.kind='c4' (keypoints need an FPN)")
     if hc.mask_loss == "softmax" and hc.class_agnostic_mask:
         _fail(
             f"{prefix}roi_heads.class_agnostic_mask",

@@ -1,10 +1,11 @@
-"""Loading and saving weights: this project's checkpoints and torchvision's Mask R-CNN checkpoints.
+"""Loading and saving weights: this project's checkpoints and torchvision's Mask / Keypoint R-CNN checkpoints.
 
 A project checkpoint is a dict ``{"format": "maskrcnn", "version": 1, "config": <ModelConfig as a dict>,
 "model": <state_dict>, ...}`` (training adds optimizer state and the like). A bare state dict (what
 ``torch.save(model.state_dict(), path)`` writes, ours or torchvision's) carries no config: one whose keys
 and shapes are exactly torchvision's ``maskrcnn_resnet50_fpn`` (any number of classes, with or without the
-mask branch) loads as the ``tv-R-50-FPN`` configuration; any other needs the config it was made with, as
+mask branch) loads as the ``tv-R-50-FPN`` configuration, one of ``keypointrcnn_resnet50_fpn`` as
+``tv-keypoint-R-50-FPN``; any other needs the config it was made with, as
 torchvision needs the model built before ``load_state_dict``. Files are read with
 ``torch.load(..., weights_only=True)``; a file that is not a checkpoint, or one that does not fit the model,
 raises :class:`CheckpointError` naming the file and the first missing, unexpected and mis-shaped keys, and
@@ -193,9 +194,10 @@ def load_model(
       ``config`` (or ``default_config``, which is used for bare state dicts only; the command line passes
       ``--config`` there). Without one, a state dict whose keys and shapes are exactly torchvision's
       ``maskrcnn_resnet50_fpn`` (number of classes and mask branch read from the shapes) loads as
-      ``tv-R-50-FPN``; any other raises :class:`CheckpointError` saying it is a bare maskrcnn state dict
-      and how to load it. No other architecture is guessed from shapes: settings that are not in the
-      weights (input sizes, anchors, thresholds) would be guessed too.
+      ``tv-R-50-FPN``, and one of torchvision's ``keypointrcnn_resnet50_fpn`` (number of keypoints read from
+      the predictor) as ``tv-keypoint-R-50-FPN``; any other raises :class:`CheckpointError` saying it is a
+      bare maskrcnn state dict and how to load it. No other architecture is guessed from shapes: settings
+      that are not in the weights (input sizes, anchors, thresholds) would be guessed too.
 
     Every key and shape must match (:func:`load_state_dict_strict`); otherwise nothing is loaded and the
     error names the file and the first offending keys.
@@ -240,9 +242,12 @@ def load_model(
     torchvision_layout = any(k.startswith(_TORCHVISION_MARKERS) for k in data)
     model, mismatch = None, None
     if "roi_heads.box_predictor.cls_score.weight" in data:
-        tv = get_config("tv-R-50-FPN")
+        keypoints = state_dict.get("roi_heads.keypoint_predictor.kps_score_lowres.weight")
+        tv = get_config("tv-R-50-FPN" if keypoints is None else "tv-keypoint-R-50-FPN")
         tv.num_classes = int(data["roi_heads.box_predictor.cls_score.weight"].shape[0])
         tv.roi_heads.mask = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state_dict
+        if keypoints is not None:  # ConvTranspose2d weight: [in, K, 4, 4]
+            tv.roi_heads.num_keypoints = int(keypoints.shape[1])
         try:
             model = build_model(tv)
             load_state_dict_strict(model, state_dict, source=source)

@@ -48,12 +48,21 @@ def make_sample(seed=0, h=96, w=128, num_objects=2):
 def test_every_named_configuration_trains_and_infers(name):
     torch.manual_seed(0)
     cfg = tiny(get_config(name))
+    if cfg.roi_heads.keypoint:  # the keypoint presets' conv tower at 512 wide: narrowed for a fast step
+        cfg.roi_heads.keypoint_head_channels = (32, 32)
     model = build_model(cfg)
     image, target = make_sample()
+    if cfg.roi_heads.keypoint:  # 17 keypoints per object, spread over its box, all labelled
+        b = target["boxes"]
+        t = torch.linspace(0, 1, cfg.roi_heads.num_keypoints)
+        xs, ys = b[:, :1] + t * (b[:, 2:3] - b[:, :1]), b[:, 1:2] + t * (b[:, 3:4] - b[:, 1:2])
+        target["keypoints"] = torch.stack([xs, ys, torch.full_like(xs, 2.0)], dim=-1)
     model.train()
     losses = model([image], [target])
-    expected = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"} | (
-        {"loss_mask"} if cfg.roi_heads.mask else set()
+    expected = (
+        {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
+        | ({"loss_mask"} if cfg.roi_heads.mask else set())
+        | ({"loss_keypoint"} if cfg.roi_heads.keypoint else set())
     )
     assert set(losses) == expected
     total = sum(losses.values())
@@ -66,6 +75,8 @@ def test_every_named_configuration_trains_and_infers(name):
     assert out["scores"].shape == out["labels"].shape == out["boxes"].shape[:1]
     if cfg.roi_heads.mask:
         assert out["masks"].shape[1:] == (1, 96, 128)
+    if cfg.roi_heads.keypoint:
+        assert out["keypoints"].shape[1:] == (cfg.roi_heads.num_keypoints, 3)
 
 
 @pytest.mark.parametrize("name", ["R-18-FPN-small", "R-50-C4"])

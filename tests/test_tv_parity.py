@@ -9,11 +9,21 @@ import torch
 from maskrcnn.modeling.build import build_model
 from maskrcnn.weights import CheckpointError, load_model
 from tests.common import SHARED
-from tests.tv_parity import IMAGES, parity_weights, read_image, to_torchvision
+from tests.tv_parity import (
+    IMAGES,
+    KEYPOINT_IMAGES,
+    PARITY_PRESETS,
+    parity_weights,
+    read_image,
+    to_torchvision,
+)
 
 COCO_VAL = os.path.join(SHARED, "data", "coco-mini", "val2017")
 KEYS_JSON = os.path.join(SHARED, "tools", "tvref", "maskrcnn_resnet50_fpn_keys.json")
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tv_reference.pt")
+KEYPOINT_REFERENCE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "data", "tv_keypoint_reference.pt"
+)
 
 
 def test_parameter_count_equals_torchvision():
@@ -90,6 +100,46 @@ def test_same_detections_as_torchvision_with_the_same_weights():
             torch.gather(masks, 1, ref["mask_probe"]), ref["mask_values"], atol=MASK_TOL, rtol=0
         )
     assert IMAGES == tuple(r["file"] for r in reference["outputs"])
+
+
+@pytest.mark.skipif(not os.path.isdir(COCO_VAL), reason="needs ../shared/data/coco-mini")
+def test_same_keypoints_as_torchvision_with_the_same_weights():
+    """keypointrcnn_resnet50_fpn with seeded weights, both in float64, one image per call: same detections
+    (count, order up to near-ties, boxes, scores, labels) and the same keypoints and keypoint scores.
+
+    The keypoints are argmax cells of upsampled heatmaps: they would move by a whole cell only if a rounding
+    difference swapped two cells' order, which in float64 needs two logits within ~1e-12 of each other.
+    torchvision's decoding stores them in float32 tensors and, its cell index being float32, computes
+    ``(ix + 0.5) * w / ceil(w) + x1`` in float32 even for a float64 model: three float32 roundings (the
+    scale, the product, the sum) of half an ulp each, so ours (float64, rounded once to float32) may differ
+    by up to 2 ulps, 2**-13 px below 1024 px (observed: 2 ulps); the bound is 4 ulps. Scores are the logit
+    at the cell, float64 rounded to float32 by both: equal up to one rounding, 2**-23 relative."""
+    reference = torch.load(KEYPOINT_REFERENCE, weights_only=True)
+    assert reference["dtype"] == "float64" and reference["model"] == "keypoint"
+    weights = to_torchvision(parity_weights(reference["seed"], preset=PARITY_PRESETS["keypoint"]))
+    model = load_model(weights).set_fast_inference(False).double()
+    assert model.config.roi_heads.keypoint and not model.config.roi_heads.mask
+    for ref in reference["outputs"]:
+        image = read_image(os.path.join(COCO_VAL, ref["file"])).double()
+        with torch.no_grad():
+            (out,) = model([image])
+        assert len(out["boxes"]) == len(ref["boxes"])
+        order = _match(ref, out)
+        assert order.unique().numel() == len(order)
+        torch.testing.assert_close(out["boxes"][order], ref["boxes"], atol=BOX_TOL, rtol=0)
+        torch.testing.assert_close(out["scores"][order], ref["scores"], atol=SCORE_TOL, rtol=0)
+        assert torch.equal(out["labels"][order], ref["labels"])
+        assert ref["keypoints"].dtype == ref["keypoints_scores"].dtype == torch.float32
+        assert float(ref["keypoints"][..., :2].max()) < 1024
+        kps = out["keypoints"][order].float()
+        torch.testing.assert_close(kps, ref["keypoints"], atol=4 * 2**-14, rtol=0)
+        scores = out["keypoints_scores"][order].float()
+        torch.testing.assert_close(scores, ref["keypoints_scores"], atol=0, rtol=2**-23)
+        print(
+            f"{ref['file']}: keypoints max |diff| {float((kps - ref['keypoints']).abs().max()):.2e} px, "
+            f"scores {float((scores - ref['keypoints_scores']).abs().max()):.2e}"
+        )
+    assert KEYPOINT_IMAGES == tuple(r["file"] for r in reference["outputs"])
 
 
 @pytest.mark.skipif(not os.path.isdir(COCO_VAL), reason="needs ../shared/data/coco-mini")

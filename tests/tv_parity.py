@@ -14,19 +14,22 @@ import re
 import torch
 
 IMAGES = ("000000000139.jpg", "000000000802.jpg")  # from ../shared/data/coco-mini/val2017
+KEYPOINT_IMAGES = ("000000217285.jpg", "000000350679.jpg")  # coco-mini val images with several people
+PARITY_PRESETS = {"mask": "tv-R-50-FPN", "keypoint": "tv-keypoint-R-50-FPN"}
 SEED = 0
 PROBES_PER_MASK = 400
 CLS_SCALE = 0.5
 
 
-def parity_weights(seed: int = SEED) -> dict[str, torch.Tensor]:
-    """Seeded weights in this package's ``tv-R-50-FPN`` layout (91 classes), float32.
+def parity_weights(seed: int = SEED, *, preset: str = "tv-R-50-FPN") -> dict[str, torch.Tensor]:
+    """Seeded weights in this package's layout of ``preset`` (``tv-R-50-FPN``: 91 classes;
+    ``tv-keypoint-R-50-FPN``: background + person, 17 keypoints), float32.
 
     Drawn in float64 and rounded: float32 ``torch.randn`` depends on the CPU (ATen's AVX2 kernel uses
     approximate log/sin/cos, its AVX-512 and scalar builds libm's), float64 draws use libm everywhere."""
     from maskrcnn.modeling.build import build_model
 
-    shapes = {k: v.shape for k, v in build_model("tv-R-50-FPN").state_dict().items()}
+    shapes = {k: v.shape for k, v in build_model(preset).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():

@@ -11,6 +11,8 @@ from maskrcnn.modeling.backbone import ResNet, resnet_spec
 from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
 from maskrcnn.modeling.fpn import FPN, BackboneWithFPN
+from maskrcnn.modeling.keypoint_branch import KeypointBranch
+from maskrcnn.modeling.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor
 from maskrcnn.modeling.mask_branch import MaskBranch
 from maskrcnn.modeling.mask_head import C4MaskPredictor, MaskRCNNHeads, MaskRCNNPredictor, MLPMaskHead
 from maskrcnn.modeling.poolers import MultiLevelPooler
@@ -107,6 +109,8 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
     branches = []  # run after the box branch, in this order
     if hc.mask:
         branches.append(_mask_branch(cfg, channels=channels, pooler=pooler, box_head=box_head))
+    if hc.keypoint:
+        branches.append(_keypoint_branch(cfg, channels=channels, pooler=pooler))
     box_branch = BoxBranch(
         box_pooler=pooler(hc.box_pool_size),
         box_head=box_head,
@@ -182,3 +186,18 @@ def _mask_branch(
         )
         return MaskBranch(mask_pooler=mask_pooler, mask_predictor=predictor, **options)
     raise ValueError(f"roi_heads.mask_head must be 'fcn' or 'mlp', got {hc.mask_head!r}")
+
+
+def _keypoint_branch(cfg: ModelConfig, *, channels: int, pooler) -> KeypointBranch:
+    """torchvision's keypoint head: its own 14x14 pooler, the conv tower, deconvolution + x2 upsampling."""
+    hc = cfg.roi_heads
+    if cfg.backbone.kind != "fpn":
+        raise ValueError("the keypoint branch needs an FPN backbone (backbone.kind='fpn')")
+    head = KeypointRCNNHeads(in_channels=channels, layers=hc.keypoint_head_channels)
+    return KeypointBranch(
+        keypoint_pooler=pooler(hc.keypoint_pool_size),
+        keypoint_head=head,
+        keypoint_predictor=KeypointRCNNPredictor(
+            in_channels=head.out_channels, num_keypoints=hc.num_keypoints
+        ),
+    )

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BOX_LOSSES", "MASK_LOSSES", "at_least_float32", "fast_rcnn_loss", "mask_loss"]
+__all__ = ["BOX_LOSSES", "MASK_LOSSES", "at_least_float32", "fast_rcnn_loss", "keypoint_loss", "mask_loss"]
 
 BOX_LOSSES = ("smooth_l1", "l1")
 MASK_LOSSES = ("sigmoid", "softmax")
@@ -106,3 +106,30 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor, *, kind
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """Losses are computed in float32 (or float64) even for half / bfloat16 predictions."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def keypoint_loss(keypoint_logits: Tensor, heatmap_indices: Tensor, valid: Tensor) -> Tensor:
+    """Keypoint loss (torchvision's ``keypointrcnn_loss``): an ``S*S``-way softmax per keypoint.
+
+    Args:
+        keypoint_logits: ``[R, K, S, S]`` logits of the positive RoIs.
+        heatmap_indices: ``int64 [R, K]`` target cells ``y * S + x``
+            (:func:`maskrcnn.ops.keypoints.keypoints_to_heatmap_targets`).
+        valid: ``bool [R, K]``, the keypoints that take part.
+
+    Returns:
+        scalar: cross-entropy over the ``S*S`` logits of each valid keypoint, averaged over the valid
+        keypoints (of all RoIs together); ``keypoint_logits.sum() * 0`` when none is valid.
+    """
+    r, k, h, w = keypoint_logits.shape
+    if h != w:
+        raise ValueError(f"keypoint heatmaps must be square, got {h}x{w}")
+    if heatmap_indices.shape != (r, k) or valid.shape != (r, k):
+        raise ValueError(
+            f"indices {tuple(heatmap_indices.shape)} and valid {tuple(valid.shape)} must be [{r}, {k}]"
+        )
+    valid = valid.reshape(-1).bool()
+    if not bool(valid.any()):
+        return keypoint_logits.sum() * 0
+    logits = keypoint_logits.reshape(r * k, h * w)[valid]
+    return F.cross_entropy(logits.to(at_least_float32(logits.dtype)), heatmap_indices.reshape(-1)[valid])
