@@ -1,4 +1,5 @@
-"""Drawing detections on images: translucent masks, box outlines and "name score" labels (PIL and numpy)."""
+"""Drawing detections on images: translucent masks, box outlines, "name score" labels and keypoints with
+their skeleton (PIL and numpy)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "draw_instances", "to_pil_image"]
+__all__ = ["KEYPOINT_THRESHOLD", "PALETTE", "draw_instances", "to_pil_image"]
+
+#: Keypoints scored at or below this are not drawn: detectron2's visualizer's ``_KEYPOINT_THRESHOLD``.
+KEYPOINT_THRESHOLD = 0.05
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
@@ -82,6 +86,10 @@ def draw_instances(
     score_threshold: float = 0.0,
     mask_threshold: float = 0.5,
     alpha: float = 0.5,
+    keypoints=None,
+    keypoint_scores=None,
+    skeleton: Sequence[Sequence[int]] | None = None,
+    keypoint_threshold: float = KEYPOINT_THRESHOLD,
 ) -> Image.Image:
     """Draw instances on a copy of ``image`` (PIL image or float ``[3, H, W]`` tensor in [0, 1]).
 
@@ -90,6 +98,12 @@ def draw_instances(
     printed after the name; ``masks`` (``[N, 1, H, W]`` or ``[N, H, W]``, probabilities thresholded at
     ``mask_threshold``, or bool) are blended in with opacity ``alpha``. Instance ``i`` of those kept gets
     colour ``PALETTE[i]``; the first instance is drawn on top. Returns an RGB PIL image of the same size.
+
+    ``keypoints [N, K, 3]`` (``(x, y, v)`` pixels; or ``[N, K, 2]``) are drawn as dots in the instance's
+    colour with a dark outline, joined by ``skeleton`` lines (COCO's 1-based index pairs) where both ends
+    are drawn. A keypoint is drawn when its ``keypoint_scores [N, K]`` entry is above ``keypoint_threshold``
+    (detectron2's default, 0.05; the scores as the model gives them), or without scores when its ``v > 0``
+    (ground truth: labelled keypoints).
     """
     canvas = to_pil_image(image)
     width, height = canvas.size
@@ -101,12 +115,15 @@ def draw_instances(
         if values is not None and len(values) != n:
             raise ValueError(f"got {n} boxes but {len(values)} {name}")
     binary = _binary_masks(masks, n, (height, width), mask_threshold) if masks is not None else None
+    points, shown = _keypoints(keypoints, keypoint_scores, n, keypoint_threshold)
 
     keep = np.ones(n, dtype=bool) if scores is None else scores >= score_threshold
     boxes = boxes[keep]
     labels = labels[keep] if labels is not None else None
     scores = scores[keep] if scores is not None else None
     binary = binary[keep] if binary is not None else None
+    points = points[keep] if points is not None else None
+    shown = shown[keep] if shown is not None else None
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
 
     if binary is not None and len(binary):
@@ -145,4 +162,43 @@ def draw_instances(
         r, g, b = colors[i]
         ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
         draw.text((tx + 2 - left, ty + 1 - top), text, fill=ink, font=font)
+    if points is not None:
+        _draw_keypoints(draw, points, shown, colors, skeleton or (), line)
     return canvas
+
+
+def _keypoints(keypoints, scores, n: int, threshold: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(xy [N, K, 2], drawn [N, K] bool)`` of the ``keypoints`` argument of :func:`draw_instances`."""
+    if keypoints is None:
+        if scores is not None:
+            raise ValueError("keypoint_scores given without keypoints")
+        return None, None
+    kps = _numpy(keypoints).astype(np.float64)
+    if kps.ndim != 3 or kps.shape[0] != n or kps.shape[2] not in (2, 3):
+        raise ValueError(f"expected keypoints [{n}, K, 3] or [{n}, K, 2], got {kps.shape}")
+    if scores is not None:
+        scores = _numpy(scores).astype(np.float64)
+        if scores.shape != kps.shape[:2]:
+            raise ValueError(f"expected keypoint_scores {kps.shape[:2]}, got {scores.shape}")
+        shown = scores > threshold
+    elif kps.shape[2] == 3:
+        shown = kps[..., 2] > 0
+    else:
+        shown = np.ones(kps.shape[:2], dtype=bool)
+    return kps[..., :2], shown & np.isfinite(kps[..., :2]).all(-1)
+
+
+def _draw_keypoints(draw, points: np.ndarray, shown: np.ndarray, colors, skeleton, line: int) -> None:
+    k = points.shape[1]
+    for a, b in skeleton:
+        if not (1 <= a <= k and 1 <= b <= k):
+            raise ValueError(f"skeleton pair ({a}, {b}) is not 1-based indices of {k} keypoints")
+    radius = line + 2
+    for i in reversed(range(len(points))):  # the first instance ends on top
+        for a, b in skeleton:
+            if shown[i, a - 1] and shown[i, b - 1]:
+                (xa, ya), (xb, yb) = points[i, a - 1], points[i, b - 1]
+                draw.line((xa, ya, xb, yb), fill=colors[i], width=line + 1)
+        for j in np.nonzero(shown[i])[0]:
+            x, y = points[i, j]
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colors[i], outline=(0, 0, 0))

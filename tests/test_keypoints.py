@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import maskrcnn.ops.keypoints as kp_ops
+from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES
 from maskrcnn.modeling.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor
 from maskrcnn.modeling.losses import keypoint_loss
 from maskrcnn.ops.keypoints import heatmaps_to_keypoints, keypoint_flip_map, keypoints_to_heatmap_targets
@@ -26,25 +27,7 @@ from tests.reference.keypoints_ref import (
     keypoints_to_heatmap_targets_ref,
 )
 
-COCO_KEYPOINTS = [
-    "nose",
-    "left_eye",
-    "right_eye",
-    "left_ear",
-    "right_ear",
-    "left_shoulder",
-    "right_shoulder",
-    "left_elbow",
-    "right_elbow",
-    "left_wrist",
-    "right_wrist",
-    "left_hip",
-    "right_hip",
-    "left_knee",
-    "right_knee",
-    "left_ankle",
-    "right_ankle",
-]
+COCO_KEYPOINTS = list(COCO_PERSON_KEYPOINT_NAMES)
 TVREF = os.path.join(SHARED, "tools", "tvref")
 TVREF_PYTHON = "/tmp/tvref-venv/bin/python"
 KEYS_JSON = os.path.join(TVREF, "keypointrcnn_resnet50_fpn_keys.json")

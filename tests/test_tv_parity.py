@@ -72,6 +72,21 @@ def _match(ref, out, score_tol=SCORE_TOL):
     return torch.tensor(order)
 
 
+def _same_detections(ref, out) -> torch.Tensor:
+    """Assert the same detections as the reference (count; order up to swaps of near-tied scores; boxes,
+    scores, labels); returns the order (indices into ``out``) of the reference's detections."""
+    assert len(out["boxes"]) == len(ref["boxes"])
+    order = _match(ref, out)
+    misplaced = (order != torch.arange(len(order))).nonzero()[:, 0]
+    for i in misplaced.tolist():  # only ties (scores within SCORE_TOL) may trade places
+        assert abs(float(ref["scores"][i] - out["scores"][order[i]])) < SCORE_TOL
+    assert order.unique().numel() == len(order)
+    torch.testing.assert_close(out["boxes"][order], ref["boxes"], atol=BOX_TOL, rtol=0)
+    torch.testing.assert_close(out["scores"][order], ref["scores"], atol=SCORE_TOL, rtol=0)
+    assert torch.equal(out["labels"][order], ref["labels"])
+    return order
+
+
 @pytest.mark.skipif(not os.path.isdir(COCO_VAL), reason="needs ../shared/data/coco-mini")
 def test_same_detections_as_torchvision_with_the_same_weights():
     """Both models in float64 (the reference too: tests/data/make_tv_reference.py), so that what is compared
@@ -86,15 +101,7 @@ def test_same_detections_as_torchvision_with_the_same_weights():
         image = read_image(os.path.join(COCO_VAL, ref["file"])).double()
         with torch.no_grad():
             (out,) = model([image])
-        assert len(out["boxes"]) == len(ref["boxes"])
-        order = _match(ref, out)
-        misplaced = (order != torch.arange(len(order))).nonzero()[:, 0]
-        for i in misplaced.tolist():  # only ties (scores within SCORE_TOL) may trade places
-            assert abs(float(ref["scores"][i] - out["scores"][order[i]])) < SCORE_TOL
-        assert order.unique().numel() == len(order)
-        torch.testing.assert_close(out["boxes"][order], ref["boxes"], atol=BOX_TOL, rtol=0)
-        torch.testing.assert_close(out["scores"][order], ref["scores"], atol=SCORE_TOL, rtol=0)
-        assert torch.equal(out["labels"][order], ref["labels"])
+        order = _same_detections(ref, out)
         masks = out["masks"][order][:, 0].flatten(1)
         torch.testing.assert_close(
             torch.gather(masks, 1, ref["mask_probe"]), ref["mask_values"], atol=MASK_TOL, rtol=0
@@ -123,12 +130,7 @@ def test_same_keypoints_as_torchvision_with_the_same_weights():
         image = read_image(os.path.join(COCO_VAL, ref["file"])).double()
         with torch.no_grad():
             (out,) = model([image])
-        assert len(out["boxes"]) == len(ref["boxes"])
-        order = _match(ref, out)
-        assert order.unique().numel() == len(order)
-        torch.testing.assert_close(out["boxes"][order], ref["boxes"], atol=BOX_TOL, rtol=0)
-        torch.testing.assert_close(out["scores"][order], ref["scores"], atol=SCORE_TOL, rtol=0)
-        assert torch.equal(out["labels"][order], ref["labels"])
+        order = _same_detections(ref, out)
         assert ref["keypoints"].dtype == ref["keypoints_scores"].dtype == torch.float32
         assert float(ref["keypoints"][..., :2].max()) < 1024
         kps = out["keypoints"][order].float()

@@ -15,10 +15,23 @@ hours into it:
   path, size and mtime outside the data folder) and its upright size must equal the record's
   ``(height, width)``;
 - annotations name a known image and category, have a box inside the image (1 px tolerance) and a
-  well-formed segmentation (polygon parts of at least 3 points, RLE of the image's size).
+  well-formed segmentation (polygon parts of at least 3 points, RLE of the image's size);
+- person keypoints (COCO's ``person_keypoints_*.json``: categories that declare ``keypoints`` names and a
+  ``skeleton``): every category declaring keypoints must declare the same list (a file-level error
+  otherwise), and an annotation of such a category needs ``keypoints``, a flat ``[x, y, v] * K`` list of
+  finite numbers with ``v`` in {0, 1, 2} and, when given, ``num_keypoints`` equal to the number of ``v > 0``
+  (filled in when missing: COCO's keypoint evaluation needs it).
 
 By default every record problem found is listed in one :class:`DatasetError`; ``skip_bad=True`` drops the
 broken records instead and logs how many. A dataset left with no image is an error either way.
+
+Keypoints (see :mod:`maskrcnn.data.keypoints` for the conventions): when the categories declare keypoints,
+every target also holds ``keypoints`` float32 ``[G, K, 3]`` = ``(x, y, v)`` in the image's pixels as COCO
+stores them, with ``v = 0`` keypoints ``(0, 0, 0)``; an annotation with ``num_keypoints == 0`` stays a box
+and mask target with all ``v = 0`` (an instance of a category without keypoints, too). The dataset exposes
+``keypoint_names``, ``skeleton`` (1-based pairs) and ``flip_map`` (the left/right permutation for
+:func:`maskrcnn.data.transforms.hflip`, from :func:`maskrcnn.ops.keypoints.keypoint_flip_map`; ``None``
+without keypoints).
 
 Not training targets (kept in :attr:`CocoDataset.coco` for evaluation): crowd regions (``iscrowd=1``) and
 degenerate boxes (width or height < 1 px once clipped to the image; real COCO has a few such records, so
@@ -40,6 +53,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +63,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from maskrcnn.data.images import ImageReadError, check_images, read_image
+from maskrcnn.ops.keypoints import keypoint_flip_map
 
 __all__ = ["CocoDataset", "DatasetError"]
 
@@ -115,8 +130,32 @@ def _check_segmentation(segm, h: int, w: int) -> str | None:
     return f"segmentation must be a polygon list or an RLE dict, got {type(segm).__name__}"
 
 
-def _check_annotation(ann: dict, img: dict, known_categories: set) -> str | None:
-    """The reason an annotation is broken, or None (degenerate boxes are not broken, see the module doc)."""
+def _check_keypoints(ann: dict, names: Sequence[str]) -> str | None:
+    """The reason the ``keypoints`` of an annotation of a keypoint category are broken, or None."""
+    k = len(names)
+    kps = ann.get("keypoints")
+    if not isinstance(kps, (list, tuple)):
+        return f"no keypoints list (its category declares {k} keypoints: a flat [x, y, v] * {k} list)"
+    if len(kps) != 3 * k:
+        return f"keypoints has {len(kps)} values; expected 3 * {k} = {3 * k} ([x, y, v] per keypoint)"
+    for i in range(k):
+        x, y, v = kps[3 * i : 3 * i + 3]
+        if not (_number(x) and _number(y)):
+            return f"keypoint {i} ({names[i]}) has non-finite or non-numeric coordinates ({x!r}, {y!r})"
+        if not _number(v) or v not in (0, 1, 2):
+            return f"keypoint {i} ({names[i]}) has visibility {v!r}; expected 0 (not labelled), 1 or 2"
+    labelled = sum(1 for v in kps[2::3] if v > 0)
+    n = ann.get("num_keypoints")
+    if n is not None and (not _number(n) or n != labelled):
+        return f"num_keypoints is {n!r} but {labelled} keypoint(s) have v > 0"
+    return None
+
+
+def _check_annotation(
+    ann: dict, img: dict, known_categories: set, keypoint_names: dict | None = None
+) -> str | None:
+    """The reason an annotation is broken, or None (degenerate boxes are not broken, see the module doc).
+    ``keypoint_names``: ``{category id: names}`` of the categories that declare keypoints."""
     h, w = img["height"], img["width"]
     if ann.get("category_id") not in known_categories:
         return f"unknown category id {ann.get('category_id')!r}"
@@ -131,7 +170,10 @@ def _check_annotation(ann: dict, img: dict, known_categories: set) -> str | None
         return f"bbox {list(box)} (x, y, w, h) is outside the image (w={w}, h={h})"
     if "segmentation" not in ann:
         return "no segmentation"
-    return _check_segmentation(ann["segmentation"], h, w)
+    reason = _check_segmentation(ann["segmentation"], h, w)
+    if reason is None and keypoint_names and ann["category_id"] in keypoint_names:
+        reason = _check_keypoints(ann, keypoint_names[ann["category_id"]])
+    return reason
 
 
 def _check_image_record(img: dict) -> str | None:
@@ -199,6 +241,46 @@ def _check_structure(annotation_file: str, image_dir: str, data: dict) -> None:
         )
 
 
+def _keypoint_spec(annotation_file: str, cats: dict) -> tuple[tuple[str, ...], tuple, dict]:
+    """``(names, skeleton, {category id: names})`` of the categories that declare ``keypoints`` (empty
+    without). Raises :class:`DatasetError` (never skippable: every target depends on it) when the
+    declarations are malformed or two categories declare different keypoint lists."""
+    declared = {cid: c["keypoints"] for cid, c in sorted(cats.items()) if c.get("keypoints")}
+    if not declared:
+        return (), (), {}
+    for cid, names in declared.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise DatasetError(
+                f"{annotation_file}: category id {cid}: 'keypoints' must be a list of keypoint names, got "
+                f"{names!r}"
+            )
+    first, names = next(iter(declared.items()))
+    for cid, other in declared.items():
+        if other != names:
+            raise DatasetError(
+                f"{annotation_file}: categories {first} ({cats[first].get('name')!r}) and {cid} "
+                f"({cats[cid].get('name')!r}) declare different keypoint lists ({len(names)}: {names[:3]}... "
+                f"vs {len(other)}: {other[:3]}...); one dataset has one keypoint list"
+            )
+    try:
+        keypoint_flip_map(names)
+    except ValueError as e:
+        raise DatasetError(f"{annotation_file}: category id {first}: {e}") from None
+    skeleton = cats[first].get("skeleton") or []
+    k = len(names)
+    if not isinstance(skeleton, list) or not all(
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and all(_number(i) and int(i) == i and 1 <= i <= k for i in p)
+        for p in skeleton
+    ):
+        raise DatasetError(
+            f"{annotation_file}: category id {first}: 'skeleton' must be a list of [i, j] pairs of 1-based "
+            f"keypoint indices in 1 .. {k}, got {skeleton!r}"
+        )
+    return tuple(names), tuple((int(a), int(b)) for a, b in skeleton), {cid: names for cid in declared}
+
+
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
@@ -210,9 +292,17 @@ class CocoDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is ``(image, target)``: ``image`` float32 ``[3, H, W]`` in [0, 1]; ``target`` holds
     ``boxes`` float32 ``[G, 4]`` (xyxy pixels, clipped to the image), ``labels`` int64 ``[G]`` (1 .. K),
     ``masks`` uint8 ``[G, H, W]`` (exactly pycocotools' ``annToMask``), ``image_id`` (int) and ``size``
-    ``(h, w)`` of the returned image. Crowd regions and degenerate boxes are not in the targets.
+    ``(h, w)`` of the returned image, and ``keypoints`` float32 ``[G, K, 3]`` when the categories declare
+    keypoints (see the module docstring). Crowd regions and degenerate boxes are not in the targets.
     ``transforms(image, target) -> (image, target)`` is applied last. When the image of record ``i`` cannot
     be read any more, ``dataset[i]`` is the next readable record (see the module docstring).
+
+    ``filter_empty`` drops images without training targets; ``min_keypoints_per_image`` (default 0: keep
+    all) drops images whose training targets have fewer labelled (``v > 0``) keypoints in all. torchvision's
+    detection reference trains keypoint models on images with at least 10 (its
+    ``_coco_remove_images_without_annotations``), detectron2 with at least 1
+    (``DATALOADER.MIN_KEYPOINTS_PER_IMAGE``); an image kept with none trains only the box (and mask) heads.
+    Images dropped either way are counted in ``filtered_empty`` and ``filtered_few_keypoints``.
     """
 
     def __init__(
@@ -222,6 +312,7 @@ class CocoDataset(torch.utils.data.Dataset):
         annotation_file: str,
         filter_empty: bool = False,
         skip_bad: bool = False,
+        min_keypoints_per_image: int = 0,
         transforms=None,
     ):
         self.image_dir = str(image_dir)
@@ -236,6 +327,16 @@ class CocoDataset(torch.utils.data.Dataset):
             str(self.coco.cats[c].get("name", c)) for c in self.category_ids
         ]
         self.num_classes = len(self.category_ids) + 1
+        names, skeleton, self._keypoint_names = _keypoint_spec(self.annotation_file, self.coco.cats)
+        self.keypoint_names: tuple[str, ...] = names  # () without keypoints
+        self.skeleton: tuple[tuple[int, int], ...] = skeleton  # 1-based pairs, COCO's
+        self.num_keypoints = len(names)
+        self.flip_map: tuple[int, ...] | None = tuple(keypoint_flip_map(names)) if names else None
+        if min_keypoints_per_image and not names:
+            raise ValueError(
+                f"min_keypoints_per_image={min_keypoints_per_image} but {self.annotation_file} declares no "
+                "keypoints (no category has a 'keypoints' list)"
+            )
 
         problems = self._validate()
         bad_images = {p.image_id for p in problems if p.drops_image}
@@ -270,6 +371,9 @@ class CocoDataset(torch.utils.data.Dataset):
                     continue
                 keep.append(ann)
             self._targets[iid] = keep
+        for ann in self.coco.dataset.get("annotations", []):  # COCOeval's keypoint task reads it
+            if ann["category_id"] in self._keypoint_names and "num_keypoints" not in ann:
+                ann["num_keypoints"] = sum(1 for v in ann["keypoints"][2::3] if v > 0)
         if self.num_degenerate:
             logger.warning(
                 "%s: %d annotation(s) with a box narrower or lower than 1 px are not training targets",
@@ -289,11 +393,29 @@ class CocoDataset(torch.utils.data.Dataset):
                     self.filtered_empty,
                 )
             image_ids = kept
+        self.filtered_few_keypoints = 0
+        if min_keypoints_per_image > 0:
+            kept = [i for i in image_ids if self._labelled_keypoints(i) >= min_keypoints_per_image]
+            self.filtered_few_keypoints = len(image_ids) - len(kept)
+            if self.filtered_few_keypoints:
+                logger.info(
+                    "%s: dropped %d image(s) with fewer than %d labelled keypoints (min_keypoints_per_image)",
+                    self.annotation_file,
+                    self.filtered_few_keypoints,
+                    min_keypoints_per_image,
+                )
+            image_ids = kept
         if not image_ids:
+            few = (
+                f", {self.filtered_few_keypoints} with fewer than {min_keypoints_per_image} labelled "
+                "keypoints"
+                if min_keypoints_per_image > 0
+                else ""
+            )
             raise DatasetError(
                 f"{self.annotation_file}: no usable image left ({len(self.coco.imgs) + len(bad_images)} "
                 f"record(s): {len(bad_images)} broken, {self.filtered_empty} without annotations"
-                f"{' dropped by filter_empty' if filter_empty else ''})"
+                f"{' dropped by filter_empty' if filter_empty else ''}{few})"
             )
         self.image_ids: list[int] = image_ids
         self.read_failures = 0  # reads that failed after the check, in this process (see the module doc)
@@ -333,7 +455,7 @@ class CocoDataset(torch.utils.data.Dataset):
             elif img["id"] in bad_records:
                 continue  # reported with its image
             else:
-                reason, file = _check_annotation(ann, img, known), img["file_name"]
+                reason, file = _check_annotation(ann, img, known, self._keypoint_names), img["file_name"]
             if reason is not None:
                 path = None if file is None else os.path.join(self.image_dir, file)
                 problems.append(_Problem(ann.get("image_id"), ann.get("id"), path, reason, False))
@@ -360,6 +482,14 @@ class CocoDataset(torch.utils.data.Dataset):
         ]
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
+
+    def _labelled_keypoints(self, image_id: int) -> int:
+        """Keypoints with ``v > 0`` in the training targets of image ``image_id``."""
+        return sum(
+            sum(1 for v in a["keypoints"][2::3] if v > 0)
+            for a in self._targets[image_id]
+            if a["category_id"] in self._keypoint_names
+        )
 
     # ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -448,9 +578,20 @@ class CocoDataset(torch.utils.data.Dataset):
             labels = torch.zeros((0,), dtype=torch.int64)
             masks = torch.zeros((0, h, w), dtype=torch.uint8)
         target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": int(iid), "size": (h, w)}
+        if self.num_keypoints:
+            target["keypoints"] = self._keypoints(anns)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+    def _keypoints(self, anns: list[dict]) -> Tensor:
+        """``[G, K, 3]`` float32 of ``anns``: ``v = 0`` keypoints, and all of an annotation whose category has
+        no keypoints, are ``(0, 0, 0)``."""
+        k = self.num_keypoints
+        zeros = [0.0] * (3 * k)
+        rows = [a["keypoints"] if a["category_id"] in self._keypoint_names else zeros for a in anns]
+        kps = torch.tensor(rows, dtype=torch.float32).reshape(len(anns), k, 3)
+        return torch.where(kps[..., 2:] > 0, kps, torch.zeros(()))
 
     def __repr__(self) -> str:
         return (

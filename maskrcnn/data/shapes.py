@@ -183,12 +183,20 @@ def _make_split(root: str, split: str, num: int, image_size: tuple[int, int], se
     return path
 
 
-def _complete(root: str, meta: dict, paths: dict) -> bool:
-    """True when ``root`` holds a dataset made with ``meta`` and all its files exist."""
+def _read_meta(root: str) -> dict | None:
     try:
         with open(os.path.join(root, "meta.json")) as fh:
-            if json.load(fh) != meta:
-                return False
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _complete(root: str, meta: dict, paths: dict) -> bool:
+    """True when ``root`` holds a dataset made with ``meta`` and all its files exist."""
+    if _read_meta(root) != meta:
+        return False
+    try:
         for split in ("train", "val"):
             with open(paths[f"{split}_annotations"]) as fh:
                 names = [im["file_name"] for im in json.load(fh)["images"]]

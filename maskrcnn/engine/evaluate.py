@@ -4,6 +4,12 @@ Metrics are pycocotools' ``COCOeval`` numbers, unchanged: fractions in [0, 1], `
 value undefined (no ground truth of that size, say). Each task is scored on its own copy of the results:
 box AP without the masks, mask AP without the boxes, so that COCO's small/medium/large split uses the
 mask area for masks (``loadRes`` would otherwise take the box area of an entry that has both).
+
+Keypoints (iou type ``"keypoints"``, object keypoint similarity): scored when the ground truth has
+categories that declare ``keypoints`` and the model predicts them, on entries holding only the keypoints
+(so that, as in COCO's own keypoint results files, ``loadRes`` takes a detection's area from its keypoints'
+extent), over the keypoint categories only. The OKS sigmas are COCO's for its 17 person keypoints; other
+keypoint sets need their own (``data.keypoint_oks_sigmas``).
 """
 
 from __future__ import annotations
@@ -28,10 +34,21 @@ from torch import Tensor, nn
 from maskrcnn.atomic import atomic_write
 from maskrcnn.progress import iterate_with_progress
 
-__all__ = ["STAT_NAMES", "detections_to_coco", "coco_evaluate", "evaluate", "format_metrics_table"]
+__all__ = [
+    "KEYPOINT_STAT_NAMES",
+    "STAT_NAMES",
+    "coco_evaluate",
+    "detections_to_coco",
+    "evaluate",
+    "format_metrics_table",
+    "resolve_oks_sigmas",
+]
 
 #: Names of ``COCOeval.stats`` for boxes and masks, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+#: Names of ``COCOeval.stats`` for keypoints (20 detections per image; no small objects), in its order.
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+_IOU_TYPES = ("bbox", "segm", "keypoints")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +84,9 @@ def detections_to_coco(
 
     Each detection gives ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` plus
     ``"segmentation"`` (compressed RLE of ``mask >= mask_threshold``, JSON-ready) when the output has
-    ``masks``. ``label_to_category_id`` maps a contiguous label to the dataset's category id (a callable
+    ``masks`` and ``"keypoints"`` (the flat ``[x1, y1, 1, x2, y2, 1, ...]`` of COCO's results format, the
+    visibility column set to 1 as in torchvision's reference; OKS ignores it) when it has ``keypoints``
+    ``[N, K, 3]``. ``label_to_category_id`` maps a contiguous label to the dataset's category id (a callable
     such as ``CocoDataset.label_to_category_id``, or a mapping).
     """
     if len(outputs) != len(image_ids):
@@ -84,11 +103,18 @@ def detections_to_coco(
         scores = out["scores"].detach().float().cpu().tolist()
         categories = {label: int(to_category(label)) for label in set(labels)}
         rles = encode_masks(out["masks"].detach(), mask_threshold) if "masks" in out else None
+        keypoints = None
+        if "keypoints" in out:
+            kps = out["keypoints"].detach().to(device="cpu", dtype=torch.float64)[..., :3].clone()
+            kps[..., 2] = 1.0
+            keypoints = kps.flatten(1).tolist()
         image_id = int(image_id)
         for i, (box, label, score) in enumerate(zip(xywh.tolist(), labels, scores)):
             entry = {"image_id": image_id, "category_id": categories[label], "bbox": box, "score": score}
             if rles is not None:
                 entry["segmentation"] = rles[i]
+            if keypoints is not None:
+                entry["keypoints"] = keypoints[i]
             results.append(entry)
     return results
 
@@ -110,22 +136,59 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return res
 
 
+def keypoint_categories(coco_gt: COCO) -> dict[int, int]:
+    """``{category id: K}`` of the categories of ``coco_gt`` that declare ``keypoints`` names."""
+    return {cid: len(c["keypoints"]) for cid, c in sorted(coco_gt.cats.items()) if c.get("keypoints")}
+
+
+def resolve_oks_sigmas(num_keypoints: int, sigmas: Sequence[float] = ()) -> np.ndarray:
+    """The OKS sigmas for ``num_keypoints`` keypoints: ``sigmas`` when given (one per keypoint), else COCO's
+    person sigmas when there are 17; any other count without sigmas is an error naming the config key."""
+    from maskrcnn.data.keypoints import COCO_PERSON_OKS_SIGMAS
+
+    if len(sigmas):
+        if len(sigmas) != num_keypoints:
+            raise ValueError(
+                f"data.keypoint_oks_sigmas has {len(sigmas)} values but the data set has {num_keypoints} "
+                "keypoints (one sigma per keypoint)"
+            )
+        return np.asarray(sigmas, dtype=np.float64)
+    if num_keypoints == len(COCO_PERSON_OKS_SIGMAS):
+        return np.asarray(COCO_PERSON_OKS_SIGMAS, dtype=np.float64)
+    raise ValueError(
+        f"data.keypoint_oks_sigmas is empty but the data set has {num_keypoints} keypoints, not COCO's 17 "
+        "person keypoints: give one OKS sigma per keypoint (COCO's are 0.025 .. 0.107: the spread of human "
+        "annotations, relative to the object's scale)"
+    )
+
+
 def coco_evaluate(
-    coco_gt: COCO, results: list[dict], iou_type: str, *, image_ids: Iterable[int] | None = None
+    coco_gt: COCO,
+    results: list[dict],
+    iou_type: str,
+    *,
+    image_ids: Iterable[int] | None = None,
+    oks_sigmas: Sequence[float] = (),
 ) -> dict:
     """Score COCO results entries against ``coco_gt`` with pycocotools' ``COCOeval``.
 
-    ``iou_type`` is ``"bbox"`` or ``"segm"``; ``image_ids`` restricts the evaluation (default: every image
-    of ``coco_gt``; images without detections count as misses). Returns the twelve ``COCOeval.stats``
-    under :data:`STAT_NAMES`, ``per_category`` ``{category name: AP}`` (AP@[.5:.95], all areas, 100
-    detections; ``None`` for a category without ground truth in the evaluated images) and ``summary``, the
-    text ``COCOeval.summarize`` prints. Crowd regions are handled by ``COCOeval`` (detections on them are
+    ``iou_type`` is ``"bbox"``, ``"segm"`` or ``"keypoints"``; ``image_ids`` restricts the evaluation
+    (default: every image of ``coco_gt``; images without detections count as misses). Returns
+    ``COCOeval.stats`` under :data:`STAT_NAMES` (:data:`KEYPOINT_STAT_NAMES` for keypoints),
+    ``per_category`` ``{category name: AP}`` (AP@[.5:.95], all areas, the most detections; ``None`` for a
+    category without ground truth in the evaluated images) and ``summary``, the text
+    ``COCOeval.summarize`` prints. Crowd regions are handled by ``COCOeval`` (detections on them are
     ignored). ``results`` is not modified. No results give zeros (``-1`` where COCO has no ground truth).
+
+    Keypoints are scored over the categories that declare keypoints, with ``oks_sigmas``
+    (:func:`resolve_oks_sigmas`: COCO's for 17 keypoints when empty); ground truth without such
+    categories is an error.
     """
-    if iou_type not in ("bbox", "segm"):
-        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
-    drop = "segmentation" if iou_type == "bbox" else "bbox"
-    dets = [{k: v for k, v in r.items() if k != drop} for r in results]  # loadRes writes into the entries
+    if iou_type not in _IOU_TYPES:
+        raise ValueError(f"iou_type must be 'bbox', 'segm' or 'keypoints', got {iou_type!r}")
+    keep = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
+    drop = {"bbox", "segmentation", "keypoints"} - {keep}
+    dets = [{k: v for k, v in r.items() if k not in drop} for r in results]  # loadRes writes into them
     unknown = {r["image_id"] for r in results} - set(coco_gt.imgs)
     if unknown:
         raise ValueError(
@@ -133,17 +196,38 @@ def coco_evaluate(
         )
     if iou_type == "segm" and any("segmentation" not in d for d in dets):
         raise ValueError("segm evaluation needs a 'segmentation' in every result entry")
+    sigmas = None
+    if iou_type == "keypoints":
+        kp_cats = keypoint_categories(coco_gt)
+        if not kp_cats:
+            raise ValueError(
+                "iou_type 'keypoints' needs ground truth whose categories declare 'keypoints' (COCO's "
+                "person_keypoints_*.json); this one has none"
+            )
+        k = next(iter(kp_cats.values()))
+        sigmas = resolve_oks_sigmas(k, oks_sigmas)
+        dets = [d for d in dets if d["category_id"] in kp_cats]
+        for d in dets:
+            if len(d.get("keypoints", ())) != 3 * k:
+                raise ValueError(
+                    f"keypoint evaluation needs 'keypoints' of 3 * {k} values in every result entry of a "
+                    f"keypoint category; image id {d['image_id']} has {len(d.get('keypoints', ()))}"
+                )
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted({int(i) for i in image_ids})
+        if sigmas is not None:
+            ev.params.catIds = sorted(kp_cats)
+            ev.params.kpt_oks_sigmas = sigmas
         ev.evaluate()
         ev.accumulate()
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ev.summarize()
-    metrics: dict = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    metrics: dict = {name: float(v) for name, v in zip(names, ev.stats)}
     precision = ev.eval["precision"]  # [iou thresholds, recall points, categories, areas, max dets]
     per_category = {}
     for k, cat_id in enumerate(ev.params.catIds):
@@ -185,9 +269,13 @@ def evaluate(
     output_dir: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    keypoint_oks_sigmas: Sequence[float] = (),
 ) -> dict:
-    """Run ``model`` over a ``CocoDataset`` and score it: ``{"bbox": metrics, "segm": metrics}`` (no
-    ``"segm"`` for a model without masks), each as :func:`coco_evaluate` returns it.
+    """Run ``model`` over a ``CocoDataset`` and score it: ``{"bbox": metrics, "segm": metrics,
+    "keypoints": metrics}``, each as :func:`coco_evaluate` returns it: no ``"segm"`` for a model without
+    masks, ``"keypoints"`` only when the dataset declares keypoints and the model predicts them (its
+    ``roi_heads.keypoint``, or ``keypoints`` in its outputs), scored with ``keypoint_oks_sigmas``
+    (``data.keypoint_oks_sigmas``; empty: COCO's, for 17 keypoints; checked before inference).
 
     Under ``torch.distributed`` every process runs its shard and the detections are gathered on rank 0,
     which scores them and writes ``output_dir/coco_results.json`` (the detections, COCO results format)
@@ -201,7 +289,13 @@ def evaluate(
     if device is not None:
         model.to(device)
     device = _model_device(model)
-    with_masks = bool(_unwrap(model).config.roi_heads.mask)
+    config = _unwrap(model).config
+    with_masks = bool(config.roi_heads.mask)
+    num_keypoints = int(getattr(dataset, "num_keypoints", 0) or 0)
+    model_keypoints = bool(getattr(config.roi_heads, "keypoint", False))
+    sigmas = None
+    if num_keypoints and model_keypoints:
+        sigmas = resolve_oks_sigmas(num_keypoints, keypoint_oks_sigmas)  # fail before the inference
     loader = build_test_loader(
         dataset, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size
     )
@@ -266,6 +360,12 @@ def evaluate(
         metrics["bbox"] = coco_evaluate(dataset.coco, results, "bbox", image_ids=image_ids)
         if with_masks:
             metrics["segm"] = coco_evaluate(dataset.coco, results, "segm", image_ids=image_ids)
+        if sigmas is None and num_keypoints and any("keypoints" in r for r in results):
+            sigmas = resolve_oks_sigmas(num_keypoints, keypoint_oks_sigmas)
+        if sigmas is not None:
+            metrics["keypoints"] = coco_evaluate(
+                dataset.coco, results, "keypoints", image_ids=image_ids, oks_sigmas=sigmas
+            )
         if output_dir is not None:
             os.makedirs(output_dir, exist_ok=True)
             with atomic_write(os.path.join(output_dir, "coco_results.json")) as fh:
@@ -289,20 +389,36 @@ def _pct(value) -> str:
 
 
 def format_metrics_table(metrics: Mapping[str, Mapping], class_names: Sequence[str] | None = None) -> str:
-    """A plain-text table of ``evaluate``'s metrics (in percent): the COCO summary per task, then the
-    per-category AP, listed in ``class_names`` order (index 0, the background, skipped) when given."""
-    tasks = [t for t in ("bbox", "segm") if t in metrics]
+    """A plain-text table of ``evaluate``'s metrics (in percent): the COCO summary per task (keypoints
+    under their own header: COCO reports other numbers for them), then the per-category AP, listed in
+    ``class_names`` order (index 0, the background, skipped) when given."""
+    tasks = [t for t in _IOU_TYPES if t in metrics]
     if not tasks:
         return "(no metrics)"
-    lines = [f"{'':6}" + "".join(f"{name:>7}" for name in STAT_NAMES)]
-    for task in tasks:
-        lines.append(f"{task:6}" + "".join(f"{_pct(metrics[task].get(name)):>7}" for name in STAT_NAMES))
+    label = max(6, max(len(t) for t in tasks) + 1)
+    lines = []
+    for group, stat_names in (
+        ([t for t in tasks if t != "keypoints"], STAT_NAMES),
+        (["keypoints"], KEYPOINT_STAT_NAMES),
+    ):
+        group = [t for t in group if t in metrics]
+        if not group:
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"{'':{label}}" + "".join(f"{name:>7}" for name in stat_names))
+        for task in group:
+            lines.append(
+                f"{task:{label}}" + "".join(f"{_pct(metrics[task].get(name)):>7}" for name in stat_names)
+            )
     names = list(class_names[1:]) if class_names is not None else list(metrics[tasks[0]]["per_category"])
     if names:
         width = max(12, max(len(n) for n in names))
-        header = f"{'category':<{width}}" + "".join(f"{t + ' AP':>9}" for t in tasks)
+        cols = {t: max(9, len(t) + 4) for t in tasks}
+        header = f"{'category':<{width}}" + "".join(f"{t + ' AP':>{cols[t]}}" for t in tasks)
         cells = [
-            f"{name:<{width}}" + "".join(f"{_pct(metrics[t]['per_category'].get(name)):>9}" for t in tasks)
+            f"{name:<{width}}"
+            + "".join(f"{_pct(metrics[t]['per_category'].get(name)):>{cols[t]}}" for t in tasks)
             for name in names
         ]
         columns = 3 if len(cells) > 12 else 1

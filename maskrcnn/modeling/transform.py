@@ -5,6 +5,12 @@ The numbers follow torchvision's ``GeneralizedRCNNTransform`` (normalise first, 
 factor ``min(min_size / short side, max_size / long side)`` with bilinear interpolation and
 ``recompute_scale_factor=True``, then zero-pad bottom/right to a multiple of ``size_divisible``), so that
 torchvision's weights give torchvision's detections.
+
+Every target field that depends on the image geometry is resized (:data:`TARGET_FIELDS`: ``boxes``,
+``masks``, ``keypoints`` ``[G, K, 3]`` (x and y scaled, ``v`` kept), ``area``, ``size``), the others
+pass through, and an unknown one is refused with a ``ValueError`` naming it rather than passed through
+unscaled; the same holds for the outputs mapped back by :meth:`ImageTransform.postprocess`
+(:data:`OUTPUT_FIELDS`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,29 @@ from torch import Tensor, nn
 
 from maskrcnn.ops.masks import paste_masks_in_image
 
-__all__ = ["ImageBatch", "ImageTransform", "resize_boxes"]
+__all__ = [
+    "OUTPUT_FIELDS",
+    "TARGET_FIELDS",
+    "ImageBatch",
+    "ImageTransform",
+    "resize_boxes",
+    "resize_keypoints",
+]
+
+#: Training target fields: ``(resized with the image, passed through)``.
+TARGET_FIELDS = (("boxes", "masks", "keypoints", "area", "size"), ("labels", "image_id", "index", "iscrowd"))
+#: Detection fields that :meth:`ImageTransform.postprocess` knows: ``(mapped back, passed through)``.
+OUTPUT_FIELDS = (("boxes", "masks", "keypoints"), ("labels", "scores", "keypoints_scores"))
+
+
+def _check_fields(d: dict, known: tuple[tuple[str, ...], tuple[str, ...]], what: str) -> None:
+    unknown = [k for k in d if k not in known[0] and k not in known[1]]
+    if unknown:
+        raise ValueError(
+            f"ImageTransform: unknown {what} field(s) {', '.join(map(repr, unknown))}: it cannot tell "
+            f"whether they depend on the image size (known: {', '.join(known[0])}, resized; "
+            f"{', '.join(known[1])}, passed through); add them to maskrcnn.modeling.transform"
+        )
 
 
 @dataclass
@@ -43,6 +71,21 @@ def resize_boxes(boxes: Tensor, *, from_size: tuple[int, int], to_size: tuple[in
     )
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def resize_keypoints(keypoints: Tensor, *, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
+    """Scale ``[N, K, 3]`` keypoints ``(x, y, v)`` from an image of ``from_size (h, w)`` to one of
+    ``to_size``: x and y per axis (torchvision's ``resize_keypoints``, number for number), ``v`` kept."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        from_size[0], dtype=torch.float32, device=keypoints.device
+    )
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32, device=keypoints.device) / torch.tensor(
+        from_size[1], dtype=torch.float32, device=keypoints.device
+    )
+    out = keypoints.clone()
+    out[..., 0] *= ratio_w
+    out[..., 1] *= ratio_h
+    return out
 
 
 class ImageTransform(nn.Module):
@@ -90,6 +133,7 @@ class ImageTransform(nn.Module):
         )[0]
         if target is None:
             return image, None
+        _check_fields(target, TARGET_FIELDS, "target")
         target = dict(target)  # never mutate the caller's targets
         new_size = (int(image.shape[-2]), int(image.shape[-1]))
         if "boxes" in target:
@@ -100,6 +144,12 @@ class ImageTransform(nn.Module):
                 target["masks"] = masks.new_zeros((0, *new_size))
             else:
                 target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(torch.uint8)
+        if "keypoints" in target:
+            target["keypoints"] = resize_keypoints(target["keypoints"], from_size=(h, w), to_size=new_size)
+        if "area" in target:
+            target["area"] = target["area"] * (new_size[0] / h) * (new_size[1] / w)
+        if "size" in target:
+            target["size"] = new_size
         return image, target
 
     def resize(
@@ -152,13 +202,17 @@ class ImageTransform(nn.Module):
     def postprocess(
         detections: list[dict], image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
     ) -> list[dict]:
-        """Map boxes back to the original images and paste ``[N, 1, M, M]`` masks into ``[N, 1, H, W]``."""
+        """Map boxes and keypoints ``[N, K, 3]`` back to the original images and paste ``[N, 1, M, M]`` masks
+        into ``[N, 1, H, W]``; an output field not in :data:`OUTPUT_FIELDS` is an error."""
         results = []
         for det, size, original in zip(detections, image_sizes, original_sizes):
+            _check_fields(det, OUTPUT_FIELDS, "output")
             det = dict(det)
             det["boxes"] = resize_boxes(det["boxes"], from_size=size, to_size=original)
             if "masks" in det:
                 det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], original)
+            if "keypoints" in det:
+                det["keypoints"] = resize_keypoints(det["keypoints"], from_size=size, to_size=original)
             results.append(det)
         return results
 
