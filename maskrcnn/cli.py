@@ -134,6 +134,10 @@ def cmd_train(args) -> int:
     cfg = _resolve_config(args)
     _check_writable(cfg.output_dir)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if result["eval"]:
+        from maskrcnn.engine.evaluate import format_metrics_table
+
+        print(format_metrics_table(result["eval"]))
     print(f"final checkpoint: {result['final_checkpoint']}")
     print(f"metrics: {result['metrics']}  loss curve: {result['loss_curve']}")
     return 0
@@ -143,6 +147,7 @@ def cmd_eval(args) -> int:
     from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.engine.evaluate import evaluate, format_metrics_table
+    from maskrcnn.engine.train import check_keypoints
     from maskrcnn.weights import load_model
 
     cfg = _resolve_config(args)
@@ -163,7 +168,14 @@ def cmd_eval(args) -> int:
             f"the model has {model.config.num_classes} classes (with background) but "
             f"{cfg.data.val_annotations} has {dataset.num_classes}"
         )
-    metrics = evaluate(model, dataset, num_workers=cfg.data.num_workers, output_dir=out)
+    check_keypoints(model.config, {"val": dataset}, cfg.data.keypoint_oks_sigmas, hint=False)
+    metrics = evaluate(
+        model,
+        dataset,
+        num_workers=cfg.data.num_workers,
+        output_dir=out,
+        keypoint_oks_sigmas=cfg.data.keypoint_oks_sigmas,
+    )
     print(format_metrics_table(metrics, dataset.class_names))
     print(f"detections and metrics written to {out}")
     return 0
@@ -228,7 +240,8 @@ def cmd_configs(args) -> int:
 
 
 WEIGHTS_HELP = (
-    "a maskrcnn checkpoint (model_final.pt ...), torchvision maskrcnn_resnet50_fpn weights, or a bare "
+    "a maskrcnn checkpoint (model_final.pt ...), torchvision maskrcnn_resnet50_fpn or "
+    "keypointrcnn_resnet50_fpn weights, or a bare "
     "maskrcnn state dict together with --config (the preset or run config.yaml it was trained with)"
 )
 
@@ -263,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="COCO box and mask AP of a checkpoint on data.val_*",
+        help="COCO box, mask and keypoint AP of a checkpoint on data.val_*",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

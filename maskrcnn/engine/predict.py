@@ -7,7 +7,9 @@ common one are mirrored (``a/im.jpg``, ``b/im.jpg`` -> ``a/im.jpg.png``, ``b/im.
 run it writes ``<output_dir>/predictions.json``: a JSON list of COCO results entries (``image_id`` is the
 image's index in ``paths``; ``category_id`` is the model's label, or the dataset category id when
 ``label_to_category_id`` is given; ``segmentation`` is a compressed RLE at mask threshold 0.5) with two
-extra fields, ``file_name`` (the input path) and, when ``class_names`` is given, ``category_name``.
+extra fields, ``file_name`` (the input path) and, when ``class_names`` is given, ``category_name``. A
+keypoint model's entries hold ``keypoints`` (COCO's flat ``[x, y, 1] * K``), and its drawings show the
+keypoints and the ``skeleton`` (COCO's person skeleton for 17 keypoints unless another is given).
 
 No data is lost (:func:`check_output_dir`, run before anything is written): an output folder that holds any
 input (or is an input's folder) is refused, and a file that exists is never written over unless
@@ -28,9 +30,10 @@ from torch import nn
 
 from maskrcnn.atomic import atomic_write
 from maskrcnn.data.images import ImageReadError, read_image
+from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco
 from maskrcnn.progress import iterate_with_progress
-from maskrcnn.visualize import draw_instances, to_pil_image
+from maskrcnn.visualize import KEYPOINT_THRESHOLD, draw_instances, to_pil_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -155,6 +158,8 @@ def predict(
     device: str | torch.device | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    skeleton: Sequence[Sequence[int]] | None = None,
+    keypoint_threshold: float = KEYPOINT_THRESHOLD,
 ) -> Predictions:
     """Run ``model`` on image files (``paths``: a list, or a spec for :func:`list_images`), one at a time.
 
@@ -164,6 +169,11 @@ def predict(
     existing file. An image that cannot be read is reported on stderr with its file name and skipped, and
     the number skipped is reported at the end; when none can be read, :class:`NoReadableImagesError` is
     raised and nothing is written.
+
+    Keypoints (a model that outputs ``keypoints``) are drawn where their ``keypoints_scores`` exceed
+    ``keypoint_threshold``, joined by ``skeleton`` (1-based pairs, e.g. a ``CocoDataset``'s ``skeleton``;
+    ``None``: COCO's person skeleton when there are 17 keypoints, no lines otherwise). Checkpoints carry
+    no keypoint names or skeleton (nor class names), so they come from the caller.
     """
     if isinstance(paths, str):
         paths = list_images(paths)
@@ -194,6 +204,10 @@ def predict(
                 (out,) = model([image.to(device)])
                 keep = out["scores"] >= score_threshold
                 out = {k: v[keep] for k, v in out.items()}
+                kps = out.get("keypoints")
+                lines = skeleton
+                if lines is None and kps is not None and kps.shape[1] == len(COCO_PERSON_KEYPOINT_NAMES):
+                    lines = COCO_PERSON_SKELETON
                 drawing = draw_instances(
                     pil,
                     boxes=out["boxes"],
@@ -201,6 +215,10 @@ def predict(
                     scores=out["scores"],
                     masks=out.get("masks"),
                     class_names=class_names,
+                    keypoints=kps,
+                    keypoint_scores=out.get("keypoints_scores") if kps is not None else None,
+                    skeleton=lines,
+                    keypoint_threshold=keypoint_threshold,
                 )
                 os.makedirs(os.path.dirname(drawing_of[path]), exist_ok=True)
                 with atomic_write(drawing_of[path], "wb") as fh:

@@ -66,6 +66,7 @@ __all__ = [
     "CLASS_SPECIFIC_PREFIXES",
     "RunExistsError",
     "TrainingInterrupted",
+    "check_keypoints",
     "load_backbone_weights",
     "load_init_weights",
     "train",
@@ -139,6 +140,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
         if main:
             distributed.barrier()
     _check_classes(cfg, dataset, val_dataset, model)
+    check_keypoints(cfg.model, {"train": dataset, "val": val_dataset}, cfg.data.keypoint_oks_sigmas)
 
     # model, optimizer, schedule
     if model is None:
@@ -237,6 +239,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
                 num_workers=cfg.data.num_workers,
                 output_dir=os.path.join(out, name),
                 progress=main,
+                keypoint_oks_sigmas=cfg.data.keypoint_oks_sigmas,
             )
         model.train()
         if main:
@@ -436,20 +439,22 @@ def preserved_rng():
 
 
 def build_train_dataset(cfg: Config):
-    """The training :class:`~maskrcnn.data.coco.CocoDataset` of ``cfg.data`` with the random flip."""
+    """The training :class:`~maskrcnn.data.coco.CocoDataset` of ``cfg.data`` with the random flip (which
+    swaps left and right keypoints by the dataset's ``flip_map``)."""
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.data.transforms import RandomHorizontalFlip
 
     d = cfg.data
     if not d.train_images or not d.train_annotations:
         raise ValueError("set data.train_images and data.train_annotations (or pass a dataset)")
-    return CocoDataset(
+    dataset = CocoDataset(
         image_dir=d.train_images,
         annotation_file=d.train_annotations,
         filter_empty=d.filter_empty,
         skip_bad=d.skip_bad_records,
-        transforms=RandomHorizontalFlip(d.horizontal_flip),
     )
+    dataset.transforms = RandomHorizontalFlip(d.horizontal_flip, flip_map=dataset.flip_map)
+    return dataset
 
 
 def build_val_dataset(cfg: Config):
@@ -490,6 +495,36 @@ def _check_classes(cfg: Config, dataset, val_dataset, model) -> None:
             f"the training and validation sets have different categories ({list(train_ids)[:10]} vs "
             f"{list(val_ids)[:10]}): labels would not mean the same classes"
         )
+
+
+def check_keypoints(model_config, datasets: dict, oks_sigmas=(), *, hint: bool = True) -> None:
+    """A keypoint model (``model_config.roi_heads.keypoint``) needs data sets with its ``num_keypoints``
+    keypoints, and their evaluation OKS sigmas (``data.keypoint_oks_sigmas``, or COCO's for 17): raise a
+    ``ValueError`` naming both numbers (and, with ``hint``, the key to set) when a data set of
+    ``datasets`` (``{"train": ds, "val": ds}``; ``None`` entries skipped) has another number or none, before
+    any training or inference. A model without the keypoint branch uses keypoint data as any other."""
+    from maskrcnn.engine.evaluate import resolve_oks_sigmas
+
+    heads = model_config.roi_heads
+    if not heads.keypoint:
+        return
+    for split, ds in datasets.items():
+        k = getattr(ds, "num_keypoints", None)
+        if k is None:  # not a CocoDataset: nothing to check
+            continue
+        source = getattr(ds, "annotation_file", None) or f"the {split} data set"
+        if k == 0:
+            raise ValueError(
+                f"model.roi_heads.num_keypoints={heads.num_keypoints} (a keypoint model) but {source} "
+                "declares no keypoints (no category has a 'keypoints' list): use a person_keypoints_*.json"
+            )
+        if k != heads.num_keypoints:
+            raise ValueError(
+                f"model.roi_heads.num_keypoints={heads.num_keypoints} but {source} has {k} keypoints per "
+                f"instance" + (f": set model.roi_heads.num_keypoints={k}" if hint else "")
+            )
+        if split == "val":
+            resolve_oks_sigmas(k, oks_sigmas)  # names data.keypoint_oks_sigmas when they do not fit
 
 
 def load_backbone_weights(model: nn.Module, path: str) -> None:
