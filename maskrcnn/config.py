@@ -182,7 +182,8 @@ class Config:
     seed: int = 0
     checkpoint_period: int = 1000  # iterations
     keep_checkpoints: int = 3  # periodic checkpoints kept (the final one is always kept; <= 0 keeps all)
-    log_period: int = 20
+    log_period: int = 20  # iterations between metrics.jsonl records (and log lines without a terminal)
+    tensorboard: bool = True  # TensorBoard event files in output_dir (when tensorboard is installed)
     eval_period: int = 0  # 0: evaluate at the end only
     init_backbone: str = ""  # torchvision ImageNet classification checkpoint file for the backbone
     init_weights: str = ""  # a COCO-trained checkpoint (ours or torchvision's) to fine-tune from
@@ -625,6 +626,7 @@ _RULES: dict[type, dict] = {
         "checkpoint_period": (_NONNEG_INT[0], "an integer >= 0 (iterations; 0: final checkpoint only)"),
         "keep_checkpoints": (_INT[0], "an integer (<= 0 keeps all)"),
         "log_period": _POS_INT,
+        "tensorboard": _BOOL,
         "eval_period": (_NONNEG_INT[0], "an integer >= 0 (iterations; 0: at the end only)"),
         "init_backbone": _PATH,
         "init_weights": _PATH,

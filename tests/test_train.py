@@ -469,7 +469,10 @@ def test_an_output_dir_holding_another_run_is_refused_unless_resume_or_overwrite
     assert {n: (out / n).read_bytes() for n in os.listdir(out) if (out / n).is_file()} == before  # untouched
 
     again = train(tiny_config(out, max_iter=2, checkpoint_period=0), dataset=dataset, overwrite=True)
-    assert sorted(os.listdir(out)) == [
+    names = sorted(os.listdir(out))
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) <= 1  # the new run's TensorBoard file (tensorboard installed); the old one is gone
+    assert [n for n in names if n not in events] == [
         "config.yaml",
         "last_checkpoint",
         "loss_curve.png",

@@ -1,34 +1,24 @@
-"""The loss curve of a run as a PNG, drawn with PIL (no plotting library needed).
+"""The loss curve of a run as a PNG, drawn with matplotlib (its Agg renderer: no display needed).
 
 ``plot_loss_curve(read_metrics("runs/x/metrics.jsonl"), "runs/x/loss_curve.png")`` draws the total loss
-(``loss``, thick black) and each named loss (``loss_*``) against the iteration, with axes, ticks, a grid and
-a legend. Non-finite values are left out of the lines.
+(``loss``, black) and each named loss (``loss_*``) against the iteration: the logged values as thin faint
+lines and, over them, the same values smoothed (``smoothing``, TensorBoard's debiased exponential moving
+average). ``log_scale=True`` draws the losses on a log axis (non-positive values are left out there).
+Non-finite values are left out of the lines.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 
-from PIL import Image, ImageDraw, ImageFont
-
 from maskrcnn.atomic import atomic_write
 
-__all__ = ["plot_loss_curve", "read_metrics"]
+__all__ = ["plot_loss_curve", "read_metrics", "smooth"]
 
-_COLORS = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-)
+_DPI = 100
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -48,37 +38,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values (steps of 1, 2 or 5 times a power of ten) covering ``[lo, hi]``."""
-    span = hi - lo
-    raw = span / max(n, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    k = 0
-    while first + k * step <= hi + step * 1e-9:
-        ticks.append(first + k * step)
-        k += 1
-    return ticks
-
-
-def _label(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.0e}"
-    return f"{v:.4g}"
-
-
-def _text(draw: ImageDraw.ImageDraw, xy, text: str, *, fill, font, anchor: str) -> None:
-    """``draw.text`` with an anchor (``l/m/r`` then ``t/m/b``), computed by hand so that Pillow's bitmap
-    fallback font (which has no anchor support) works too."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    w, h = right - left, bottom - top
-    x = xy[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]] - left
-    y = xy[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]] - top
-    draw.text((x, y), text, fill=fill, font=font)
+def smooth(values: list[float], weight: float) -> list[float]:
+    """The exponential moving average of ``values`` with ``weight`` in [0, 1) (0: the values themselves),
+    debiased as TensorBoard's: the first points are not pulled towards 0."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out, last = [], 0.0
+    for i, v in enumerate(values, start=1):
+        last = last * weight + (1 - weight) * v
+        out.append(last / (1 - weight**i))
+    return out
 
 
 def plot_loss_curve(
@@ -87,82 +56,63 @@ def plot_loss_curve(
     *,
     title: str = "training loss",
     size: tuple[int, int] = (960, 540),
+    smoothing: float = 0.6,
+    log_scale: bool = False,
 ) -> str:
-    """Draw ``loss`` and every ``loss_*`` of ``records`` (dicts with an ``iteration``) into a PNG at
-    ``path`` (written atomically). Records without losses (evaluation records) are ignored. Returns
-    ``path``."""
+    """Draw ``loss`` and every ``loss_*`` of ``records`` (dicts with an ``iteration``) into a ``size``
+    (width, height) RGB PNG at ``path``, written atomically (a failure leaves an older file as it was).
+    Records without losses (evaluation records) are ignored. Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
     path = os.fspath(path)
     rows = [r for r in records if "iteration" in r and any(k.startswith("loss") for k in r)]
     names = sorted({k for r in rows for k in r if k.startswith("loss")}, key=lambda k: (k != "loss", k))
-    series = {
-        name: [
+    series = {}
+    for name in names:
+        points = [
             (float(r["iteration"]), float(r[name]))
             for r in rows
             if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])
         ]
-        for name in names
-    }
-    series = {k: v for k, v in series.items() if v}
+        if log_scale:
+            points = [p for p in points if p[1] > 0]
+        if points:
+            series[name] = points
 
     width, height = size
-    left, right, top, bottom = 72, 200, 36, 56
-    x0, x1, y0, y1 = left, width - right, top, height - bottom  # plot area (y0 at the top)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    _text(draw, ((x0 + x1) / 2, 12), title, fill="black", font=font, anchor="mt")
-
-    points = [p for pts in series.values() for p in pts]
-    if points:
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = iter(f"C{i % 10}" for i in range(len(series)))
+    for name, points in series.items():
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
-        xmin, xmax = min(0.0, min(xs)), max(xs)
-        ymin, ymax = min(0.0, min(ys)), max(ys)
+        color = "black" if name == "loss" else next(colors)
+        line_width = 2.5 if name == "loss" else 1.5
+        if smoothing > 0 and len(points) > 1:
+            ax.plot(xs, ys, color=color, linewidth=1, alpha=0.25)
+            ys = smooth(ys, smoothing)
+        ax.plot(xs, ys, color=color, linewidth=line_width, label=name, marker="o" if len(xs) == 1 else None)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     else:
-        xmin, xmax, ymin, ymax = 0.0, 1.0, 0.0, 1.0
-    if xmax <= xmin:
-        xmin, xmax = xmin - 1, xmax + 1
-    if ymax <= ymin:
-        ymax = ymin + 1.0
-    ymax += 0.05 * (ymax - ymin)
+        ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax.transAxes)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss" + (" (log scale)" if log_scale else ""))
+    ax.set_title(title + (f" (smoothed {smoothing:g}; faint: logged values)" if smoothing > 0 else ""))
+    ax.grid(True, which="major", color="0.9")
+    ax.set_axisbelow(True)
+    fig.subplots_adjust(left=72 / width, right=1 - 170 / width, top=1 - 40 / height, bottom=56 / height)
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (
-            x0 + (x - xmin) / (xmax - xmin) * (x1 - x0),
-            y1 - (y - ymin) / (ymax - ymin) * (y1 - y0),
-        )
-
-    grid, axis = (225, 225, 225), (40, 40, 40)
-    for t in _nice_ticks(ymin, ymax):
-        _, py = to_px(xmin, t)
-        draw.line([(x0, py), (x1, py)], fill=grid)
-        draw.line([(x0 - 5, py), (x0, py)], fill=axis)
-        _text(draw, (x0 - 8, py), _label(t), fill=axis, font=font, anchor="rm")
-    for t in _nice_ticks(xmin, xmax):
-        px, _ = to_px(t, ymin)
-        draw.line([(px, y0), (px, y1)], fill=grid)
-        draw.line([(px, y1), (px, y1 + 5)], fill=axis)
-        _text(draw, (px, y1 + 8), _label(t), fill=axis, font=font, anchor="mt")
-    draw.rectangle([x0, y0, x1, y1], outline=axis)
-    _text(draw, ((x0 + x1) / 2, height - 12), "iteration", fill=axis, font=font, anchor="mb")
-
-    legend_y = y0 + 4
-    for i, (name, pts) in enumerate(series.items()):
-        color = (0, 0, 0) if name == "loss" else _COLORS[(i - ("loss" in series)) % len(_COLORS)]
-        line_width = 3 if name == "loss" else 2
-        xy = [to_px(x, y) for x, y in pts]
-        if len(xy) == 1:
-            cx, cy = xy[0]
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
-        else:
-            draw.line(xy, fill=color, width=line_width, joint="curve")
-        draw.line([(x1 + 14, legend_y + 7), (x1 + 40, legend_y + 7)], fill=color, width=line_width)
-        _text(draw, (x1 + 48, legend_y + 7), name, fill=axis, font=font, anchor="lm")
-        legend_y += 20
-    if not series:
-        _text(draw, ((x0 + x1) / 2, (y0 + y1) / 2), "no losses logged yet", fill=axis, font=font, anchor="mm")
-
+    canvas.draw()
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
+    data = io.BytesIO()
+    image.save(data, format="PNG")  # rendered and encoded before the file is touched
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "wb") as fh:
-        image.save(fh, format="PNG")
+        fh.write(data.getvalue())
     return path

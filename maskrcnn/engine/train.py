@@ -10,6 +10,13 @@ Files written (by rank 0)::
     loss_curve.png       the losses of metrics.jsonl, redrawn at each checkpoint and at the end
     model_{iter:07d}.pt  periodic checkpoints (the last cfg.keep_checkpoints are kept), model_final.pt
     last_checkpoint      the name of the newest checkpoint; train(cfg, resume=True) continues from it
+    events.out.tfevents.*  TensorBoard event files (the values of metrics.jsonl: losses, lr and times
+                         every cfg.log_period iterations, AP at each evaluation), unless cfg.tensorboard
+                         is off or the tensorboard package is not installed
+
+Progress on stderr: a tqdm bar on a terminal; otherwise (CI, nohup, a cluster job's log) one line every
+cfg.log_period iterations and at the end with the losses, lr, s/it, ETA and peak memory
+(:mod:`maskrcnn.engine.logs`).
 
 Choices, stated once: SGD with momentum and the same weight decay on every trainable parameter (norm
 layers and biases included, as torchvision's reference scripts; the frozen BatchNorms have no trainable
@@ -50,6 +57,7 @@ from maskrcnn.engine.checkpoint import (
     unwrap,
 )
 from maskrcnn.engine.interrupt import StopRequest, TrainingInterrupted
+from maskrcnn.engine.logs import EventWriter, log_line
 from maskrcnn.engine.plot import plot_loss_curve, read_metrics
 from maskrcnn.engine.schedule import build_scheduler
 from maskrcnn.progress import Progress
@@ -244,7 +252,14 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
         model.train()
         if main:
             _append_jsonl(metrics_path, {"iteration": iteration, "eval": result})
+            events.scalars("eval", result, iteration)
         return result
+
+    def log(record: dict) -> None:
+        """A training record (rank 0): metrics.jsonl, the log line without a terminal, TensorBoard."""
+        _append_jsonl(metrics_path, record)
+        progress.write(log_line(record, solver.max_iter, device))
+        events.scalars("train", {k: v for k, v in record.items() if k != "iteration"}, record["iteration"])
 
     def interrupted(signum: int, iteration: int):
         """Keep the work of a run stopped by ``signum`` after ``iteration``: log the open window, write a
@@ -254,7 +269,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
         if window.count:
             record = window.summary()  # collective: the stop iteration is the same on every rank
             if main:
-                _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **record})
+                log({"iteration": iteration, "lr": lr, **record})
             window = _Window()
         path = checkpointer.path(Checkpointer.periodic_name(iteration))
         if last_good != path:  # not written by the periodic checkpoint of this iteration already
@@ -274,70 +289,73 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
     window = _Window()
     logged: dict = {}
     lr = optimizer.param_groups[0]["lr"]
-    progress = Progress(solver.max_iter, desc="train", initial=start_iter, enabled=main)
+    progress = Progress(solver.max_iter, desc="train", initial=start_iter, enabled=main, interval=None)
+    purge = start_iter + 1 if resume_path else None  # hide the old run's steps after the checkpoint
+    events = EventWriter(out, enabled=main and cfg.tensorboard, purge_step=purge)
     end = time.perf_counter()
-    with StopRequest() as stop, contextlib.closing(progress):
-        for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
-            images, targets = next(batches)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
-            data_time = time.perf_counter() - end
+    with contextlib.closing(events):  # open for the final evaluation too
+        with StopRequest() as stop, contextlib.closing(progress):
+            for iteration in range(start_iter + 1, solver.max_iter + 1):  # 1-based: the iteration-th batch
+                images, targets = next(batches)
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
+                data_time = time.perf_counter() - end
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            values = distributed.all_reduce_mean(  # one collective: losses and stop requests
-                {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}, **stop.votes()}
-            )
-            signum = stop.agreed(values)  # the same on every rank: all stop after this iteration
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {iteration}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    + "; training stopped, no checkpoint written. Last good checkpoint: "
-                    + (last_good if last_good else "none (none written yet)")
-                    + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
+                values = distributed.all_reduce_mean(  # one collective: losses and stop requests
+                    {"loss": loss.detach(), **{k: v.detach() for k, v in loss_dict.items()}, **stop.votes()}
                 )
+                signum = stop.agreed(values)  # the same on every rank: all stop after this iteration
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(
+                        f"non-finite loss at iteration {iteration}: "
+                        + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                        + "; training stopped, no checkpoint written. Last good checkpoint: "
+                        + (last_good if last_good else "none (none written yet)")
+                        + " (resume from it with a lower solver.base_lr, longer warmup or clip_grad_norm)"
+                    )
 
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if solver.clip_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if solver.clip_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if solver.clip_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
+                    optimizer.step()
+                scheduler.step()
+
+                window.add(values, time=time.perf_counter() - end, data_time=data_time)
+                progress.update(1, status=_postfix(values, lr))
+                if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
+                    logged = window.summary()  # collective: every rank logs at the same iterations
+                    if main:
+                        log({"iteration": iteration, "lr": lr, **logged})
+                    window = _Window()
+                if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
+                    if iteration < solver.max_iter:
+                        last_good = save(Checkpointer.periodic_name(iteration), iteration)
+                if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
+                    if val_dataset is not None:
+                        run_eval(iteration, f"eval_{iteration:07d}")
+                if signum is not None and iteration < solver.max_iter:
+                    interrupted(signum, iteration)
+                end = time.perf_counter()
+
+            if start_iter < solver.max_iter or resume_path is None:
+                final = save("model_final", solver.max_iter)
             else:
-                loss.backward()
-                if solver.clip_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
-                optimizer.step()
-            scheduler.step()
-
-            window.add(values, time=time.perf_counter() - end, data_time=data_time)
-            progress.update(1, status=_postfix(values, lr))
-            if iteration % cfg.log_period == 0 or iteration == solver.max_iter:
-                logged = window.summary()  # collective: every rank logs at the same iterations
-                if main:
-                    _append_jsonl(metrics_path, {"iteration": iteration, "lr": lr, **logged})
-                window = _Window()
-            if cfg.checkpoint_period > 0 and iteration % cfg.checkpoint_period == 0:
-                if iteration < solver.max_iter:
-                    last_good = save(Checkpointer.periodic_name(iteration), iteration)
-            if cfg.eval_period > 0 and iteration % cfg.eval_period == 0 and iteration < solver.max_iter:
-                if val_dataset is not None:
-                    run_eval(iteration, f"eval_{iteration:07d}")
-            if signum is not None and iteration < solver.max_iter:
-                interrupted(signum, iteration)
-            end = time.perf_counter()
-
-        if start_iter < solver.max_iter or resume_path is None:
-            final = save("model_final", solver.max_iter)
-        else:
-            final = resume_path
-            logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
-    results = run_eval(solver.max_iter, "eval_final") if val_dataset is not None else None
+                final = resume_path
+                logger.info("%s is already at iteration %d of %d", resume_path, start_iter, solver.max_iter)
+        results = run_eval(solver.max_iter, "eval_final") if val_dataset is not None else None
     if main:
         plot_loss_curve(read_metrics(metrics_path), curve_path)
     distributed.barrier()
@@ -380,7 +398,8 @@ class RunExistsError(ValueError):
 
 _RUN_DIRS = re.compile(r"^eval_(final|\d{7,})$")  # evaluations written by run_eval
 _RUN_FILES = re.compile(
-    r"^(model_(final|\d{7,})\.pt|last_checkpoint|metrics\.jsonl|config\.yaml|loss_curve\.png)$"
+    r"^(model_(final|\d{7,})\.pt|last_checkpoint|metrics\.jsonl|config\.yaml|loss_curve\.png"
+    r"|events\.out\.tfevents\..+)$"
 )
 
 
@@ -406,7 +425,8 @@ def _claim_output_dir(out: str, *, overwrite: bool, main: bool) -> None:
             os.path.isfile(metrics) and os.path.getsize(metrics) > 0
         )
         if worked and not overwrite:
-            shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            kept = [n for n in names if not n.startswith("events.out.tfevents.")]  # long, and never alone
+            shown = ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else "")
             problem = (
                 f"{out} holds another run ({shown}): pass --resume to continue it, --overwrite to delete it "
                 "and start again, or choose another output_dir"
