@@ -1,4 +1,4 @@
-"""Command line: ``maskrcnn train | eval | predict | demo | configs``.
+"""Command line: ``maskrcnn train | eval | predict | export | serve | demo | configs``.
 
 Every command takes ``--config`` (a model preset name such as ``R-50-FPN``, or a YAML run config) and
 ``KEY=VALUE`` overrides of the run config (dotted keys: ``solver.base_lr=0.01``, ``model.num_classes=3``,
@@ -32,6 +32,7 @@ examples:
   torchrun --nproc_per_node 8 -m maskrcnn.cli train --config run.yaml
   maskrcnn eval --weights runs/r50/model_final.pt data.val_images=... data.val_annotations=...
   maskrcnn predict --weights runs/r50/model_final.pt photos/ --output-dir predictions
+  maskrcnn serve --weights runs/r50/model_final.pt --classes cat,dog   (then open http://127.0.0.1:8000/)
   maskrcnn demo
 exit status: 0 done; 2 a mistake in the command, the configuration, the inputs or the output folder (one
   line on stderr naming the key or file; -v / --verbose shows the traceback)
@@ -48,6 +49,33 @@ no data loss: an --output-dir that holds any input image (e.g. the input folder 
   own drawings and predictions.json only. Checked before the model is loaded.
 exit status: 0 when at least one image was read (unreadable ones are named, one line each, and counted);
   2 when none could be read, or on any other mistake (one line on stderr)
+"""
+
+SERVE_EPILOG = """\
+page: http://HOST:PORT/ (upload or drop an image; slider, class toggles, PNG and COCO JSON downloads)
+API:
+  GET  /health                            200 {"status": "ok", ...} while the model is loaded
+  POST /predict?score_threshold=0.5       multipart field "image"; COCO results entries (compressed RLE
+                                          masks, keypoints), image size, inference_ms
+  curl -F image=@photo.jpg "http://127.0.0.1:8000/predict?score_threshold=0.7"
+errors: a JSON {"error": ...} with 400 (no image field, empty, not an image, truncated), 413 (body over
+  --max-upload-mb, image over --max-pixels: refused from its header, before decoding), 415 (not multipart)
+requests run one at a time on the model. No authentication: keep --host 127.0.0.1 unless the network is
+  yours.
+"""
+
+EXPORT_EPILOG = """\
+the ONNX graph (needs `pip install -e ".[export]"`: onnx, onnxruntime):
+  input   image      float32 [3, H, W], RGB in [0, 1]; H and W are dynamic (any size; the model resizes it
+                     as in eager inference, --size only sets the example traced)
+  outputs boxes      float32 [N, 4], xyxy in input-image pixels
+          labels     int64 [N] (1 .. num_classes - 1)
+          scores     float32 [N], decreasing
+          masks      float32 [N, 1, H, W] probabilities (mask models; threshold at 0.5)
+          keypoints  float32 [N, K, 3] (x, y, 1) and keypoints_scores [N, K] (keypoint models)
+  N = 0 when nothing is detected. The score threshold and the other settings of the model are built in.
+exit status: 0 written; 2 a mistake (unreadable weights, an existing --output without --overwrite, an
+  unsupported model or opset), one line on stderr
 """
 
 
@@ -206,6 +234,48 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import importlib.util
+
+    missing = [
+        name
+        for name, modules in (
+            ("starlette", ["starlette"]),
+            ("uvicorn", ["uvicorn"]),
+            ("python-multipart", ["python_multipart", "multipart"]),
+        )
+        if not any(importlib.util.find_spec(m) for m in modules)
+    ]
+    if missing:
+        print(
+            f"maskrcnn serve: error: {', '.join(missing)} not installed; install the serve extra: "
+            'pip install -e ".[serve]"',
+            file=sys.stderr,
+        )
+        return 2
+    from maskrcnn.config import ConfigError
+    from maskrcnn.serve import serve
+    from maskrcnn.weights import load_model
+
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise ConfigError(f"--score-threshold {args.score_threshold}: expected a number in [0, 1]")
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise ConfigError("--max-upload-mb and --max-pixels must be positive")
+    device = _device(args.device or "auto")
+    model_cfg = _load_config(args.config).model if args.config else None
+    model = load_model(args.weights, device=str(device), default_config=model_cfg)
+    serve(
+        model,
+        host=args.host,
+        port=args.port,
+        class_names=_class_names(args),
+        score_threshold=args.score_threshold,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+    )
+    return 0
+
+
 def _class_names(args):
     if not args.classes:
         return None
@@ -213,6 +283,37 @@ def _class_names(args):
         with open(args.classes) as fh:
             return ["background"] + [line.strip() for line in fh if line.strip()]
     return ["background"] + [c.strip() for c in args.classes.split(",")]
+
+
+def cmd_export(args) -> int:
+    from maskrcnn.export import MIN_OPSET, ExportError, export_onnx, output_names
+    from maskrcnn.weights import load_model
+
+    out = args.output
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"--output {out} is a folder; give the .onnx file to write")
+    if os.path.exists(out) and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if args.opset < MIN_OPSET:
+        raise ExportError(f"--opset {args.opset} is too old: RoiAlign's coordinate modes need >= {MIN_OPSET}")
+    if args.size is not None and min(args.size) < 1:
+        raise ExportError(f"--size takes two positive sides H W, got {' '.join(map(str, args.size))}")
+    _check_writable(os.path.dirname(os.path.abspath(out)))
+    model_cfg = _load_config(args.config).model if args.config else None
+    model = load_model(args.weights, device="cpu", default_config=model_cfg)
+    # written next to the output, then renamed: an interrupted export leaves no half-written file
+    tmp = f"{out}.partial-{os.getpid()}"
+    try:
+        export_onnx(model, tmp, size=args.size, opset=args.opset)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(
+        f"wrote {out}: input image float32 [3, H, W] in [0, 1], any H and W; "
+        f"outputs {', '.join(output_names(model))} (opset {args.opset})"
+    )
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -313,6 +414,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web page and JSON API: drop an image, see the detections",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
+    )
+    p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: a free port)")
+    p.add_argument("--device", help="auto (default), cpu, cuda ...")
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="the API's default threshold and the page's initial slider position (default 0.5)",
+    )
+    p.add_argument(
+        "--max-upload-mb", type=float, default=25.0, help="largest request body, in MiB (default 25)"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=20_000_000,
+        help="largest image, width x height, checked before decoding (default 20000000)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model to ONNX (image in, detections out) for onnxruntime",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
+    )
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="the example image size traced (default: the model's test min_size, square); the graph "
+        "takes any H and W",
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 16 (default: 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synthetic data -> train a CPU-sized model -> evaluate -> predictions")
     p.add_argument("--output-dir", default="runs/demo", help="default: runs/demo")
