@@ -95,6 +95,18 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._inner = False
 
 
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
+    """``--weights`` and the ``--config`` of a bare state dict (predict, serve, export)."""
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    p.add_argument(
+        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
+    )
+
+
+def _add_classes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "R-50-FPN") -> None:
     extra = "" if default else "; also the model config of a bare state dict given to --weights"
     p.add_argument(
@@ -319,7 +331,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from maskrcnn.demo import run_demo
 
-    return run_demo(output_dir=args.output_dir, overrides=args.overrides)
+    return run_demo(output_dir=args.output_dir, overrides=args.overrides, task=args.task)
 
 
 def cmd_configs(args) -> int:
@@ -396,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="+", help="image files, folders (not recursive) or globs")
-    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    p.add_argument(
-        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
-    )
+    _add_weights_args(p)
     p.add_argument(
         "--output-dir",
         default="predictions",
@@ -411,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace this run's drawings and predictions.json if they exist (nothing else is ever replaced)",
     )
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score")
-    p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
+    _add_classes_arg(p)
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
     p.set_defaults(func=cmd_predict)
 
@@ -421,11 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    p.add_argument(
-        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
-    )
-    p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
+    _add_weights_args(p)
+    _add_classes_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: a free port)")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
@@ -452,10 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    p.add_argument(
-        "--config", help="the model preset or YAML run config of a bare state dict (a checkpoint has its own)"
-    )
+    _add_weights_args(p)
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument(
         "--size",
@@ -471,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> train a CPU-sized model -> evaluate -> predictions")
     p.add_argument("--output-dir", default="runs/demo", help="default: runs/demo")
+    p.add_argument(
+        "--task",
+        choices=("shapes", "keypoints"),
+        default="shapes",
+        help="shapes: Mask R-CNN on synthetic shapes (default); keypoints: keypoint & mask R-CNN on "
+        "synthetic articulated figures (COCO's 17 person keypoints, OKS AP)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo's run config")
     p.set_defaults(func=cmd_demo)
 
