@@ -154,7 +154,7 @@ def test_branch_loss_without_labelled_keypoints_is_zero_with_a_graph():
         targets=[t0],
         box_features=None,
     )
-    assert float(losses["loss_keypoint"]) == 0.0
+    assert losses["loss_keypoint"].item() == 0.0
     losses["loss_keypoint"].backward()
     assert all(p.grad is not None and (p.grad == 0).all() for p in branch.parameters())
 
