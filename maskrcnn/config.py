@@ -53,7 +53,8 @@ class UnknownKeyError(ConfigError, KeyError):
 @dataclass
 class BackboneConfig:
     name: str = "resnet50"  # resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d
-    kind: str = "fpn"  # "fpn" (P2-P6) or "c4" (res4 features, res5 as the RoI head)
+    # "fpn" (P2-P6), "c4" (res4 features, res5 as the RoI head) or "c5" (one stride-32 res5 map, Table 2d)
+    kind: str = "fpn"
     norm: str = "frozen_bn"  # "frozen_bn" or "bn"
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + res2 (detectron2 FREEZE_AT=2), ... 5
     fpn_channels: int = 256
@@ -196,14 +197,25 @@ def _fpn(name: str, **roi) -> ModelConfig:
 def _c4(name: str) -> ModelConfig:
     return ModelConfig(
         backbone=BackboneConfig(name=name, kind="c4"),
-        rpn=RPNConfig(
-            anchor_sizes=((32, 64, 128, 256, 512),),
-            pre_nms_topk_train=12000,
-            pre_nms_topk_test=6000,
-            post_nms_topk_train=2000,
-            post_nms_topk_test=1000,
-        ),
+        rpn=_single_level_rpn(),
         roi_heads=RoIHeadsConfig(box_pool_size=14, mask_pool_size=14, batch_size_per_image=64),
+    )
+
+
+def _c5(name: str) -> ModelConfig:
+    """The paper's R-50-C5 of Table 2d: RPN and RoI heads on the one stride-32 res5 map; the FPN model's
+    MLP box head and FCN mask head (7x7 and 14x14 RoIs), detectron's C5 settings for the RPN."""
+    return ModelConfig(backbone=BackboneConfig(name=name, kind="c5"), rpn=_single_level_rpn())
+
+
+def _single_level_rpn() -> RPNConfig:
+    """Detectron's RPN on one feature map: all five anchor sizes at each position, larger top-k."""
+    return RPNConfig(
+        anchor_sizes=((32, 64, 128, 256, 512),),
+        pre_nms_topk_train=12000,
+        pre_nms_topk_test=6000,
+        post_nms_topk_train=2000,
+        post_nms_topk_test=1000,
     )
 
 
@@ -246,6 +258,7 @@ def _faster() -> ModelConfig:
 PRESETS = {
     "R-50-C4": lambda: _c4("resnet50"),
     "R-101-C4": lambda: _c4("resnet101"),
+    "R-50-C5": lambda: _c5("resnet50"),  # paper Table 2d (stride 32, one level)
     "R-50-FPN": lambda: _fpn("resnet50"),
     "R-101-FPN": lambda: _fpn("resnet101"),
     "X-101-FPN": lambda: _fpn("resnext101_32x8d"),
@@ -502,7 +515,7 @@ _PATH = (lambda v: isinstance(v, str), "a path (text; empty for none)")
 _RULES: dict[type, dict] = {
     BackboneConfig: {
         "name": _one_of(_backbones),
-        "kind": _one_of(lambda: ("fpn", "c4")),
+        "kind": _one_of(lambda: ("fpn", "c4", "c5")),
         "norm": _one_of(lambda: ("frozen_bn", "bn")),
         "frozen_stages": (lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
         "fpn_channels": _POS_INT,
@@ -678,7 +691,7 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
                 node.bg_iou_thresh,
                 f"a number <= {prefix}{section}.fg_iou_thresh ({node.fg_iou_thresh})",
             )
-    levels = {"fpn": 5, "c4": 1}[m.backbone.kind]
+    levels = {"fpn": 5, "c4": 1, "c5": 1}[m.backbone.kind]
     if len(m.rpn.anchor_sizes) != levels:
         _fail(
             f"{prefix}rpn.anchor_sizes",
@@ -689,7 +702,11 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
     if hc.mask and m.backbone.kind == "c4" and hc.mask_head != "fcn":
         _fail(f"{prefix}roi_heads.mask_head", hc.mask_head, "'fcn' with backbone.kind='c4' (the res5 head)")
     if hc.keypoint and m.backbone.kind != "fpn":
-        _fail(f"{prefix}roi_heads.keypoint", True, "false with backbone.kind='c4' (keypoints need an FPN)")
+        _fail(
+            f"{prefix}roi_heads.keypoint",
+            True,
+            f"false with backbone.kind={m.backbone.kind!r} (keypoints need an FPN)",
+        )
     if hc.mask_loss == "softmax" and hc.class_agnostic_mask:
         _fail(
             f"{prefix}roi_heads.class_agnostic_mask",

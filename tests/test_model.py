@@ -103,6 +103,31 @@ def test_half_width_backbone_builds_trains_and_infers(name):
     assert out["masks"].shape[1:] == (1, 96, 128)
 
 
+def test_c5_backbone_is_one_stride_32_map_for_rpn_and_both_heads():
+    """backbone.kind='c5' (paper Table 2d): the whole ResNet, its res5 map alone feeds the RPN and the RoI
+    poolers at scale 1/32; the box head is the MLP, the mask head the FCN on that map's channels."""
+    from maskrcnn.modeling.box_head import TwoMLPHead
+    from maskrcnn.modeling.mask_head import MaskRCNNHeads
+
+    torch.manual_seed(0)
+    cfg = tiny(get_config("R-50-C5"))
+    cfg.backbone.name, cfg.backbone.base_channels = "resnet18", 32
+    model = build_model(cfg)
+    image, _ = make_sample()
+    features = model.backbone(image[None])
+    assert list(features) == ["c5"] and features["c5"].shape == (1, 256, 3, 4)  # 96 x 128 / 32
+    assert model.rpn_features == model.roi_features == ("c5",)
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [15]  # 5 sizes x 3 ratios, one level
+    for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
+        assert list(pooler.scales) == [1.0 / 32]
+    assert isinstance(model.roi_heads.box_head, TwoMLPHead)
+    assert model.roi_heads.box_head.fc6.in_features == 256 * 7 * 7
+    assert isinstance(model.roi_heads.mask_head, MaskRCNNHeads)
+    assert model.roi_heads.mask_head.mask_fcn1.in_channels == 256
+    c4 = build_model(tiny(get_config("R-50-C4")))
+    assert not hasattr(c4.backbone, "layer4") and hasattr(model.backbone, "layer4")
+
+
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one():
     torch.manual_seed(0)
     model = build_model(tiny(get_config("R-18-FPN-small")))

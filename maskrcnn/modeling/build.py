@@ -44,20 +44,23 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         channels = bb.fpn_channels
         rpn_strides = tuple(backbone.strides[k] for k in rpn_features)
         roi_scales = [1.0 / backbone.strides[k] for k in roi_features]
-    elif bb.kind == "c4":
+    elif bb.kind in ("c4", "c5"):
+        # C4: res4 features, res5 runs per RoI as the box head. C5 (the paper's R-50-C5 of Table 2d): the
+        # whole ResNet, one stride-32 map for the RPN and the RoI heads (FPN-style MLP box head, FCN mask head)
+        level = bb.kind
         backbone = ResNet(
             **spec,
             base_channels=bb.base_channels,
             norm=bb.norm,
             frozen_stages=bb.frozen_stages,
-            return_stages=("c4",),
+            return_stages=(level,),
         )
-        rpn_features = roi_features = ("c4",)
-        channels = backbone.out_channels["c4"]
-        rpn_strides = (backbone.strides["c4"],)
-        roi_scales = [1.0 / backbone.strides["c4"]]
+        rpn_features = roi_features = (level,)
+        channels = backbone.out_channels[level]
+        rpn_strides = (backbone.strides[level],)
+        roi_scales = [1.0 / backbone.strides[level]]
     else:
-        raise ValueError(f"backbone.kind must be 'fpn' or 'c4', got {bb.kind!r}")
+        raise ValueError(f"backbone.kind must be 'fpn', 'c4' or 'c5', got {bb.kind!r}")
 
     if len(rc.anchor_sizes) != len(rpn_features):
         raise ValueError(
@@ -94,7 +97,7 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
             kind=hc.pooler,
         )
 
-    if bb.kind == "fpn":
+    if bb.kind != "c4":
         box_head = TwoMLPHead(
             in_channels=channels * hc.box_pool_size**2, representation_size=hc.representation_size
         )
