@@ -1,0 +1,404 @@
+"""``maskrcnn ablate``: the paper's Table 2 in miniature, re-run on the synthetic shapes data.
+
+Each table compares variants of one design choice (paper section 4.2, R-50-C4 / R-50-FPN on COCO minival):
+
+- ``2b`` mask loss: independent per-class sigmoid masks vs a softmax over classes (multinomial), and
+  class-specific vs class-agnostic masks (the paper's text: 29.7 vs 30.3 AP);
+- ``2c`` RoI feature extraction: RoIPool, RoIWarp (max / average), RoIAlign (max / average);
+- ``2d`` RoIPool vs RoIAlign on one stride-32 map (the paper's R-50-C5; here ``backbone.kind='c5'``);
+- ``2e`` mask branch: the MLP (fc 1024 -> 1024 -> classes x 28 x 28) vs the FCN.
+
+Every variant is the demo's model (:func:`maskrcnn.demo.demo_config`: ResNet-18-FPN from scratch, here at
+half width) with one change, trained on the same data with the same schedule and seeds, and evaluated on
+the same held-out split (box and mask AP, AP50, AP75). RoIAlign is the paper's (``aligned=False``, no
+half-pixel offset) in every variant, and the FPN form is used where the paper used C4 (2b, 2c): the C4
+res5 head on every RoI costs more than this budget allows; the note under each table says so.
+
+Output (``--output-dir``, default ``runs/ablate``): ``data/`` (the shapes data), ``runs/<variant>-s<seed>/``
+(each a resumable training run with its ``result.json``), ``ablations.json`` (every run's metrics),
+``ablations.md`` (a table per paper table: mean +- std over seeds beside the paper's numbers, and whether
+the paper's direction holds) and ``ablations.png`` (mask AP and AP75 per variant). A finished run is not
+run again; an interrupted one resumes from its last checkpoint, so rerunning the same command continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+
+from maskrcnn.atomic import atomic_write
+from maskrcnn.config import Config, apply_overrides
+
+__all__ = ["TABLES", "Variant", "Table", "ablation_config", "run_ablation", "write_report"]
+
+_METRICS = ("AP", "AP50", "AP75")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row: ``key`` names its runs' folders; ``overrides`` are ``KEY=VALUE`` strings applied to
+    :func:`ablation_config`; ``paper`` is the paper's mask (AP, AP50, AP75) in points, None where it gives
+    none (AP50/AP75 None where the paper gives AP only)."""
+
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    paper: tuple[float | None, float | None, float | None] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A paper table: its variants and the comparisons the paper draws (``(a, b, kind)``: ``">"`` means
+    variant ``a`` beats ``b``, ``"~"`` that they are about equal)."""
+
+    key: str
+    title: str
+    paper_setting: str
+    variants: tuple[Variant, ...]
+    claims: tuple[tuple[str, str, str], ...]
+    note: str = ""
+
+
+_BASE = Variant("align-avg", "RoIAlign (avg), sigmoid, class-specific, FCN", (), None)
+_C5 = ("model.backbone.kind=c5", "model.rpn.anchor_sizes=((24, 48, 96, 192, 384),)")
+
+TABLES: dict[str, Table] = {
+    t.key: t
+    for t in (
+        Table(
+            key="2b",
+            title="Multinomial vs. independent masks; class-specific vs. class-agnostic",
+            paper_setting="R-50-C4",
+            variants=(
+                Variant(
+                    "softmax",
+                    "softmax (multinomial)",
+                    ("model.roi_heads.mask_loss=softmax",),
+                    (24.8, 44.1, 25.1),
+                ),
+                dataclasses.replace(_BASE, label="sigmoid (independent)", paper=(30.3, 51.2, 31.5)),
+                Variant(
+                    "agnostic",
+                    "sigmoid, class-agnostic",
+                    ("model.roi_heads.class_agnostic_mask=true",),
+                    (29.7, None, None),
+                ),
+            ),
+            claims=(("align-avg", "softmax", ">"), ("align-avg", "agnostic", "~")),
+            note="FPN model here (the paper: C4). Class-agnostic AP from the paper's text (no AP50/AP75).",
+        ),
+        Table(
+            key="2c",
+            title="RoIAlign vs. RoIPool and RoIWarp",
+            paper_setting="R-50-C4",
+            variants=(
+                Variant("pool", "RoIPool (max)", ("model.roi_heads.pooler=pool",), (26.9, 48.8, 26.4)),
+                Variant(
+                    "warp-max", "RoIWarp (max)", ("model.roi_heads.pooler=warp_max",), (27.2, 49.2, 27.1)
+                ),
+                Variant(
+                    "warp-avg", "RoIWarp (avg)", ("model.roi_heads.pooler=warp_avg",), (27.1, 48.9, 27.1)
+                ),
+                Variant(
+                    "align-max", "RoIAlign (max)", ("model.roi_heads.pooler=align_max",), (30.2, 51.0, 31.8)
+                ),
+                dataclasses.replace(_BASE, label="RoIAlign (avg)", paper=(30.3, 51.2, 31.5)),
+            ),
+            claims=(
+                ("align-avg", "pool", ">"),
+                ("align-avg", "warp-avg", ">"),
+                ("align-max", "warp-max", ">"),
+                ("align-max", "align-avg", "~"),
+            ),
+            note="FPN model here (the paper: C4); most objects are pooled from P2 (stride 4).",
+        ),
+        Table(
+            key="2d",
+            title="RoIAlign vs. RoIPool on one stride-32 map (R-C5)",
+            paper_setting="R-50-C5",
+            variants=(
+                Variant("c5-pool", "C5, RoIPool", (*_C5, "model.roi_heads.pooler=pool"), (23.6, 46.5, 21.6)),
+                Variant("c5-align", "C5, RoIAlign", _C5, (30.9, 51.8, 32.1)),
+            ),
+            claims=(("c5-align", "c5-pool", ">"),),
+            note="Half-width ResNet-18-C5: one stride-32 map; a 30-100 px shape spans 1-3 cells of it.",
+        ),
+        Table(
+            key="2e",
+            title="Mask branch: MLP vs. FCN",
+            paper_setting="R-50-FPN",
+            variants=(
+                Variant(
+                    "mlp",
+                    "MLP (fc 1024, 1024, 4x28x28)",
+                    ("model.roi_heads.mask_head=mlp",),
+                    (31.5, 53.7, 32.8),
+                ),
+                dataclasses.replace(_BASE, label="FCN (4 convs + deconv)", paper=(33.6, 55.2, 35.3)),
+            ),
+            claims=(("align-avg", "mlp", ">"),),
+        ),
+    )
+}
+TABLE_CHOICES = (*TABLES, "all")
+
+
+def ablation_config(output_dir: str, *, iters: int, seed: int, overrides=(), device: str = "auto") -> Config:
+    """The run config of one ablation run: the demo's model at half width and the paper's RoIAlign
+    (``aligned=False``), ``iters`` iterations with the learning rate dropped x0.1 at 85% and 95%, on the
+    shapes data in ``output_dir/data``; ``overrides`` (``KEY=VALUE``) are the variant's change."""
+    from maskrcnn.demo import demo_config
+
+    cfg = demo_config(output_dir)
+    cfg.model.backbone.base_channels = 32
+    cfg.model.roi_heads.aligned = False
+    s = cfg.solver
+    s.max_iter = iters
+    s.warmup_iters = min(50, max(1, iters // 5))
+    s.steps = tuple(sorted({max(1, round(iters * 0.85)), max(1, round(iters * 0.95))}))
+    cfg.seed = seed
+    cfg.device = device
+    cfg.checkpoint_period = max(20, iters // 4)  # resumable mid-run
+    cfg.keep_checkpoints = 1
+    cfg.log_period = max(1, min(20, iters // 10))
+    cfg.tensorboard = False
+    return apply_overrides(cfg, list(overrides))
+
+
+def _selected(table: str) -> list[Table]:
+    if table not in TABLE_CHOICES:
+        raise ValueError(f"--table must be one of {', '.join(TABLE_CHOICES)}, got {table!r}")
+    return list(TABLES.values()) if table == "all" else [TABLES[table]]
+
+
+def _unique_variants(tables: list[Table]) -> list[Variant]:
+    """Each distinct variant once (the default model appears in several tables and is trained once)."""
+    seen: dict[str, Variant] = {}
+    for t in tables:
+        for v in t.variants:
+            seen.setdefault(v.key, v)
+    return list(seen.values())
+
+
+def _read_result(path: str, expected: dict) -> dict | None:
+    """A finished run's ``result.json``, or None if there is none. A result of other settings (another
+    ``--iters``, another variant definition) raises ``ValueError`` naming the file: never mixed in."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        result = json.load(fh)
+    differing = [k for k, v in expected.items() if result.get(k) != v]
+    if differing:
+        shown = ", ".join(f"{k}: {result.get(k)!r} here, {expected[k]!r} asked" for k in differing)
+        raise ValueError(f"{path} holds a run of other settings ({shown}); use another --output-dir")
+    return result
+
+
+def _calibrate(cfg: Config, steps: int = 2) -> float:
+    """Seconds per training iteration of ``cfg``'s model on its first training batch (one warm-up step,
+    then the mean of ``steps``): the basis of the time estimate printed before the ablation starts."""
+    import torch
+
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.data.loader import collate
+    from maskrcnn.modeling.build import build_model
+
+    data = CocoDataset(image_dir=cfg.data.train_images, annotation_file=cfg.data.train_annotations)
+    images, targets = collate([data[i] for i in range(min(len(data), cfg.solver.ims_per_batch))])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times[1:])
+
+
+def run_ablation(
+    *,
+    table: str = "all",
+    seeds: int = 2,
+    iters: int = 350,
+    output_dir: str = "runs/ablate",
+    device: str = "auto",
+    num_train: int = 400,
+    num_val: int = 50,
+) -> dict:
+    """Train and evaluate every run of ``table`` (``"2b" .. "2e"`` or ``"all"``) for seeds ``0 .. seeds-1``,
+    then write ``ablations.json``, ``ablations.md`` and ``ablations.png`` under ``output_dir``. Returns the
+    JSON's content. ``num_train`` / ``num_val``: synthetic images per split (tests use fewer)."""
+    from maskrcnn.data.shapes import make_shapes_dataset
+    from maskrcnn.engine.train import train
+
+    tables = _selected(table)
+    if seeds < 1 or iters < 1:
+        raise ValueError(f"--seeds and --iters must be >= 1, got {seeds} and {iters}")
+    variants = _unique_variants(tables)
+    runs = [(v, s) for v in variants for s in range(seeds)]
+    print(f"[ablate] synthetic shapes data -> {os.path.join(output_dir, 'data')}")
+    make_shapes_dataset(
+        os.path.join(output_dir, "data"), num_train=num_train, num_val=num_val, image_size=(256, 256), seed=0
+    )
+
+    def run_dir(v: Variant, s: int) -> str:
+        return os.path.join(output_dir, "runs", f"{v.key}-s{s}")
+
+    def settings(v: Variant, s: int) -> dict:
+        return {"variant": v.key, "overrides": list(v.overrides), "seed": s, "iters": iters}
+
+    done = {
+        (v.key, s): _read_result(os.path.join(run_dir(v, s), "result.json"), settings(v, s)) for v, s in runs
+    }
+    todo = [(v, s) for v, s in runs if done[(v.key, s)] is None]
+    if todo:
+        per_iter = _calibrate(ablation_config(output_dir, iters=iters, seed=0, device=device))
+        # + ~15 s per run for building, the data check and evaluating 50 val images (2-core CPU)
+        estimate = len(todo) * (iters * per_iter + 15 + 0.3 * num_val)
+        print(
+            f"[ablate] {len(runs)} runs ({len(variants)} variants x {seeds} seed(s), {iters} iterations"
+            " each),"
+            f" {len(runs) - len(todo)} already done; {per_iter:.2f} s per iteration measured here:"
+            f" about {estimate / 60:.0f} min for the {len(todo)} to run"
+        )
+    start = time.time()
+    for i, (v, s) in enumerate(todo):
+        elapsed = time.time() - start
+        left = f", ~{elapsed / i * (len(todo) - i) / 60:.0f} min left" if i else ""
+        print(f"[ablate] run {i + 1}/{len(todo)}: {v.key} (seed {s}): {v.label}{left}")
+        cfg = ablation_config(output_dir, iters=iters, seed=s, overrides=v.overrides, device=device)
+        cfg.output_dir = run_dir(v, s)
+        t0 = time.time()
+        result = train(cfg, resume=True)  # its own folder: continues an interrupted run, else starts one
+        record = {
+            **settings(v, s),
+            "minutes": round((time.time() - t0) / 60, 2),
+            "bbox": {k: result["eval"]["bbox"][k] for k in _METRICS},
+            "segm": {k: result["eval"]["segm"][k] for k in _METRICS},
+        }
+        with atomic_write(os.path.join(run_dir(v, s), "result.json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+        done[(v.key, s)] = record
+
+    summary = {
+        "tables": [t.key for t in tables],
+        "seeds": seeds,
+        "iters": iters,
+        "num_train": num_train,
+        "num_val": num_val,
+        "runs": [done[(v.key, s)] for v, s in runs],
+    }
+    write_report(summary, output_dir)
+    print(f"[ablate] {os.path.join(output_dir, 'ablations.md')} (+ ablations.json, ablations.png)")
+    return summary
+
+
+def _stats(summary: dict, key: str, task: str, metric: str) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one seed) of a variant's metric, in points."""
+    values = [100 * r[task][metric] for r in summary["runs"] if r["variant"] == key]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _judge(summary: dict, a: str, b: str, kind: str, label: dict[str, str]) -> str:
+    """Whether the paper's claim holds here, in mask AP (and AP75 for '>'): a difference counts when it is
+    larger than twice the seeds' spread (with one seed: 1 AP point)."""
+    parts = []
+    for metric in ("AP", "AP75") if kind == ">" else ("AP",):
+        (ma, sa), (mb, sb) = _stats(summary, a, "segm", metric), _stats(summary, b, "segm", metric)
+        diff = ma - mb
+        noise = 2 * math.hypot(sa, sb) if summary["seeds"] > 1 else 1.0
+        if kind == ">":
+            verdict = (
+                "holds" if diff > noise else ("same direction, within noise" if diff > 0 else "does not hold")
+            )
+        else:
+            verdict = "holds" if abs(diff) <= max(noise, 1.0) else "does not hold"
+        parts.append(f"{metric} {diff:+.1f} ({verdict})")
+    relation = "beats" if kind == ">" else "is about equal to"
+    return f"{label[a]} {relation} {label[b]}: " + ", ".join(parts)
+
+
+def write_report(summary: dict, output_dir: str) -> None:
+    """``ablations.json``, ``ablations.md`` and ``ablations.png`` from :func:`run_ablation`'s summary."""
+    with atomic_write(os.path.join(output_dir, "ablations.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    seeds = summary["seeds"]
+    lines = [
+        "# Table 2 in miniature",
+        "",
+        f"Mask R-CNN ablations on the synthetic shapes data ({summary['num_train']} training and"
+        f" {summary['num_val']} val images, 256 px): half-width ResNet-18-FPN from scratch,"
+        f" {summary['iters']} iterations, batch 4, {seeds} seed(s). Mask and box AP x 100 on the val split,"
+        " mean"
+        + (" +- std over seeds" if seeds > 1 else "")
+        + "; the paper's mask AP / AP50 / AP75 on COCO minival beside them.",
+        "A difference counts when it exceeds twice the seeds' combined spread (1 AP point with one seed).",
+    ]
+
+    def cell(key: str, task: str, metric: str) -> str:
+        mean, std = _stats(summary, key, task, metric)
+        return f"{mean:.1f} +- {std:.1f}" if seeds > 1 else f"{mean:.1f}"
+
+    for key in summary["tables"]:
+        t = TABLES[key]
+        label = {v.key: v.label for v in t.variants}
+        lines += ["", f"## Table {t.key}: {t.title} (paper: {t.paper_setting})", ""]
+        lines += [
+            "| variant | mask AP | mask AP50 | mask AP75 | box AP | paper mask AP / AP50 / AP75 |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for v in t.variants:
+            paper = " / ".join("–" if x is None else f"{x:.1f}" for x in v.paper) if v.paper else "–"
+            lines.append(
+                f"| {v.label} | {cell(v.key, 'segm', 'AP')} | {cell(v.key, 'segm', 'AP50')} |"
+                f" {cell(v.key, 'segm', 'AP75')} | {cell(v.key, 'bbox', 'AP')} | {paper} |"
+            )
+        lines.append("")
+        lines += [f"- {_judge(summary, a, b, kind, label)}" for a, b, kind in t.claims]
+        if t.note:
+            lines.append(f"- Note: {t.note}")
+    with atomic_write(os.path.join(output_dir, "ablations.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    _plot(summary, os.path.join(output_dir, "ablations.png"))
+
+
+def _plot(summary: dict, path: str) -> None:
+    """Grouped bars: mask AP and AP75 per variant (error bars: the seeds' std), one group per table."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, ap, ap_err, ap75, ap75_err = [], [], [], [], []
+    for key in summary["tables"]:
+        for v in TABLES[key].variants:
+            names.append(f"{key}: {v.label}")
+            (m, s), (m75, s75) = _stats(summary, v.key, "segm", "AP"), _stats(summary, v.key, "segm", "AP75")
+            ap.append(m), ap_err.append(s), ap75.append(m75), ap75_err.append(s75)
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2), dpi=100)
+    y = range(len(names))
+    ax.barh([i - 0.2 for i in y], ap, height=0.4, xerr=ap_err, label="mask AP")
+    ax.barh([i + 0.2 for i in y], ap75, height=0.4, xerr=ap75_err, label="mask AP75")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("x 100, val split")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(
+        f"Table 2 in miniature ({summary['iters']} iterations, {summary['seeds']} seed(s))", fontsize=9
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())

@@ -1,0 +1,134 @@
+"""``maskrcnn ablate``: each variant changes only what it names, the verdicts, and a run end to end."""
+
+import json
+import os
+
+import pytest
+
+from maskrcnn.ablate import TABLES, _judge, ablation_config, write_report
+from maskrcnn.cli import main
+from maskrcnn.config import config_to_dict
+from maskrcnn.modeling.build import build_model
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+ALL_VARIANTS = {v.key: v for t in TABLES.values() for v in t.variants}
+
+
+@pytest.mark.parametrize("key", sorted(ALL_VARIANTS))
+def test_each_variant_changes_only_the_keys_it_names_and_builds(key, tmp_path):
+    v = ALL_VARIANTS[key]
+    base = _flat(config_to_dict(ablation_config(str(tmp_path), iters=10, seed=0)))
+    cfg = ablation_config(str(tmp_path), iters=10, seed=0, overrides=v.overrides)
+    changed = {k for k, value in _flat(config_to_dict(cfg)).items() if base[k] != value}
+    assert changed == {o.split("=", 1)[0] for o in v.overrides}
+    model = build_model(cfg.model)
+    hc = cfg.model.roi_heads
+    assert model.roi_heads.box_pooler.kind == model.roi_heads.mask_pooler.kind == hc.pooler
+    (mask,) = [b for b in model.roi_heads._branches if hasattr(b, "mask_loss")]
+    assert (mask.mask_loss, mask.class_agnostic) == (hc.mask_loss, hc.class_agnostic_mask)
+    assert type(model.roi_heads.mask_predictor).__name__ == (
+        "MLPMaskHead" if hc.mask_head == "mlp" else "MaskRCNNPredictor"
+    )
+    # the paper's RoIAlign (no half-pixel offset), the demo's half-width backbone, in every variant
+    assert hc.aligned is False and cfg.model.backbone.base_channels == 32
+
+
+def test_every_table_has_the_default_model_or_the_c5_pair_and_the_papers_numbers():
+    for t in TABLES.values():
+        keys = [v.key for v in t.variants]
+        assert len(set(keys)) == len(keys)
+        assert all(a in keys and b in keys for a, b, _ in t.claims)
+        assert all(v.paper is not None and v.paper[0] is not None for v in t.variants)
+    assert ALL_VARIANTS["c5-align"].paper == (30.9, 51.8, 32.1)  # ../shared/docs/paper.md, Table 2d
+    assert {o.split("=")[0] for o in ALL_VARIANTS["c5-pool"].overrides} >= {"model.backbone.kind"}
+
+
+def test_schedule_scales_with_the_iterations(tmp_path):
+    s = ablation_config(str(tmp_path), iters=400, seed=3).solver
+    assert (s.max_iter, s.steps, s.warmup_iters) == (400, (340, 380), 50)
+    tiny = ablation_config(str(tmp_path), iters=3, seed=0)
+    assert tiny.solver.steps == (3,) and tiny.solver.warmup_iters == 1 and tiny.seed == 0
+
+
+def _summary(values: dict[str, list[float]], seeds: int) -> dict:
+    runs = [
+        {"variant": k, "seed": s, "segm": {"AP": ap, "AP50": ap, "AP75": ap}, "bbox": {"AP": ap}}
+        for k, aps in values.items()
+        for s, ap in enumerate(aps)
+    ]
+    return {"seeds": seeds, "runs": runs}
+
+
+def test_verdicts_count_a_difference_only_beyond_twice_the_seed_spread():
+    label = {"a": "A", "b": "B"}
+    # means 0.50 vs 0.40 (10 points), std 1 point each: noise 2 * sqrt(2) = 2.8 points
+    clear = _summary({"a": [0.49, 0.51], "b": [0.39, 0.41]}, 2)
+    assert _judge(clear, "a", "b", ">", label) == "A beats B: AP +10.0 (holds), AP75 +10.0 (holds)"
+    assert _judge(clear, "b", "a", ">", label).endswith("AP75 -10.0 (does not hold)")
+    assert "(does not hold)" in _judge(clear, "a", "b", "~", label)
+    close = _summary({"a": [0.45, 0.51], "b": [0.44, 0.48]}, 2)  # +2 points, spread 4.2 and 2.8
+    assert "AP +2.0 (same direction, within noise)" in _judge(close, "a", "b", ">", label)
+    assert _judge(close, "a", "b", "~", label) == "A is about equal to B: AP +2.0 (holds)"
+    one = _summary({"a": [0.505], "b": [0.50]}, 1)  # one seed: 1 point
+    assert "AP +0.5 (same direction, within noise)" in _judge(one, "a", "b", ">", label)
+
+
+def test_report_names_every_variant_beside_the_paper(tmp_path):
+    values = {v.key: [0.3 + 0.01 * i, 0.31 + 0.01 * i] for i, v in enumerate(ALL_VARIANTS.values())}
+    summary = {**_summary(values, 2), "tables": list(TABLES), "iters": 10, "num_train": 4, "num_val": 2}
+    write_report(summary, str(tmp_path))
+    md = (tmp_path / "ablations.md").read_text()
+    for t in TABLES.values():
+        assert f"## Table {t.key}:" in md
+        for v in t.variants:
+            assert f"| {v.label} |" in md
+    assert "| RoIPool (max) | 33.5 +- 0.7 |" in md  # 4th of ALL_VARIANTS: mean of 0.33 and 0.34
+    assert "| 26.9 / 48.8 / 26.4 |" in md and "29.7 / – / –" in md
+    assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "ablations.json").read_text())["runs"] == summary["runs"]
+
+
+def test_ablate_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "abl")
+    args = ["ablate", "--table", "2b", "--seeds", "1", "--iters", "3", "--output-dir", out]
+    small = ["--num-train", "8", "--num-val", "4", "--device", "cpu"]
+    assert main(args + small) == 0
+    printed = capsys.readouterr().out
+    assert "3 runs (3 variants x 1 seed(s), 3 iterations each), 0 already done" in printed
+    assert "s per iteration measured here: about" in printed
+    for name in ("ablations.md", "ablations.json", "ablations.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    summary = json.load(open(os.path.join(out, "ablations.json")))
+    assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [
+        ("softmax", 0),
+        ("align-avg", 0),
+        ("agnostic", 0),
+    ]
+    assert all(set(r["segm"]) == {"AP", "AP50", "AP75"} for r in summary["runs"])
+    md = open(os.path.join(out, "ablations.md")).read()
+    assert md.count("| sigmoid") == 2 and "| softmax (multinomial) |" in md
+
+    # an interrupted run (no result.json yet) continues from its checkpoint; finished runs are not rerun
+    result = os.path.join(out, "runs", "agnostic-s0", "result.json")
+    kept = os.path.getmtime(os.path.join(out, "runs", "softmax-s0", "result.json"))
+    os.remove(result)
+    assert main(args + small) == 0
+    printed = capsys.readouterr().out
+    assert "2 already done" in printed and "run 1/1: agnostic (seed 0)" in printed
+    assert os.path.isfile(result)
+    assert os.path.getmtime(os.path.join(out, "runs", "softmax-s0", "result.json")) == kept
+
+    # the same folder with another schedule: refused with one line naming the run's file
+    assert main(["ablate", "--table", "2b", "--seeds", "1", "--iters", "4", "--output-dir", out] + small) == 2
+    err = capsys.readouterr().err
+    assert "result.json holds a run of other settings (iters: 3 here, 4 asked)" in err
