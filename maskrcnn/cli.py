@@ -103,6 +103,17 @@ def _add_weights_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="bf16: backbone and heads in bfloat16 where the CPU (AVX512-BF16, AMX) or GPU has it, boxes, "
+        "scores and masks computed in float32; without hardware support it warns and stays float32. "
+        "fp16: CUDA only. Default fp32",
+    )
+
+
 def _add_classes_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
 
@@ -198,6 +209,7 @@ def cmd_eval(args) -> int:
     device = _device(cfg.device)
     # --config is the model config of a bare state dict; a checkpoint's own config is kept
     model = load_model(args.weights, device=str(device), default_config=cfg.model if args.config else None)
+    model.set_precision(args.precision)
     dataset = CocoDataset(
         image_dir=cfg.data.val_images,
         annotation_file=cfg.data.val_annotations,
@@ -231,6 +243,7 @@ def cmd_predict(args) -> int:
     device = _device(args.device or "auto")
     model_cfg = _load_config(args.config).model if args.config else None
     model = load_model(args.weights, device=str(device), default_config=model_cfg)
+    model.set_precision(args.precision)
     results = predict(
         model,
         paths,
@@ -276,6 +289,7 @@ def cmd_serve(args) -> int:
     device = _device(args.device or "auto")
     model_cfg = _load_config(args.config).model if args.config else None
     model = load_model(args.weights, device=str(device), default_config=model_cfg)
+    model.set_precision(args.precision)
     serve(
         model,
         host=args.host,
@@ -414,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", help="where coco_results.json and metrics.json go (default OUTPUT_DIR/eval)"
     )
     p.add_argument("--device", help="auto, cpu, cuda ...")
+    _add_precision_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -437,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score")
     _add_classes_arg(p)
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
+    _add_precision_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -450,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: a free port)")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
+    _add_precision_arg(p)
     p.add_argument(
         "--score-threshold",
         type=float,

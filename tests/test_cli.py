@@ -476,3 +476,17 @@ def test_a_real_signal_to_maskrcnn_train_checkpoints_and_exits(shapes, tmp_path,
     checkpoint = (out / "last_checkpoint").read_text().strip()
     assert checkpoint in last and (out / checkpoint).exists() and "--resume" in last
     assert not [n for n in os.listdir(out) if ".tmp." in n]
+
+
+def test_predict_eval_and_serve_take_precision(tmp_path, capsys, caplog, checkpoint, images):
+    """--precision bf16: runs in bf16 where the CPU has it, else one warning and float32 (either way: done)."""
+    from maskrcnn.modeling.precision import native_support
+
+    out = str(tmp_path / "pred")
+    argv = ["predict", "--weights", checkpoint, images, "--output-dir", out, "--device", "cpu"]
+    assert main([*argv, "--precision", "bf16"]) == 0
+    assert "on 2 image(s)" in capsys.readouterr().out
+    native, why = native_support("bf16", "cpu")
+    assert native or f"precision bf16: {why}; staying float32" in caplog.text
+    for command in ("predict", "eval", "serve"):
+        assert "--precision {fp32,bf16,fp16}" in build_help(command)

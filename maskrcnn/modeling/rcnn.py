@@ -40,6 +40,7 @@ class MaskRCNN(nn.Module):
         self.rpn_features = tuple(rpn_features)
         self.roi_features = tuple(roi_features)
         self.config = config  # the ModelConfig this model was built from (saved in checkpoints)
+        self.precision = "fp32"  # see set_precision
         self.set_fast_inference(True)
 
     def set_fast_inference(self, enabled: bool) -> MaskRCNN:
@@ -57,6 +58,17 @@ class MaskRCNN(nn.Module):
             if isinstance(module, FrozenBatchNorm2d):
                 module.fold = self.fast_inference
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def set_precision(self, precision: str, *, force: bool = False) -> MaskRCNN:
+        """Inference in ``"bf16"`` (or ``"fp16"`` on CUDA) for the backbone and the heads' heavy layers,
+        float32 for everything that decides boxes, scores and masks; ``"fp32"`` (the default) undoes it.
+        Where the device lacks native support it warns and stays float32 (``force=True`` overrides). Call
+        it after moving the model to its device; ``self.precision`` is the one in effect. Returns ``self``.
+        See :mod:`maskrcnn.modeling.precision`."""
+        from maskrcnn.modeling.precision import set_precision
+
+        set_precision(self, precision, force=force)
+        return self
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
