@@ -8,7 +8,11 @@ RoIAlign, box head, postprocessing with NMS), mask head (mask RoIAlign to the en
 postprocess (boxes scaled back, masks pasted into the image). Peak memory: the process's peak RSS
 (VmHWM, reset before each model's pass).
 
-    /tmp/tvref-venv/bin/python benchmarks/inference.py [--images 8] [--runs 1] [--threads 2]
+    /tmp/tvref-venv/bin/python benchmarks/inference.py [--images 8] [--runs 1] [--threads 2] [--bf16]
+
+``--bf16`` adds a column: ours with ``set_precision("bf16")`` (backbone and heavy head layers in bfloat16),
+measured only where the CPU runs bfloat16 natively (AVX512-BF16 or AMX); elsewhere it says why not (on an
+AVX2-only EPYC an emulated bf16 3x3 convolution took ~300x float32's time).
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=8, help="how many coco-mini val images (sorted by name)")
     ap.add_argument("--runs", type=int, default=1, help="passes over the images")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="also ours in bfloat16 (where the CPU has it)")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(args.shared, "tools", "tvref"))
     import tvref
@@ -102,20 +107,28 @@ def main() -> int:
     theirs.load_state_dict(weights)
     theirs.eval()
 
-    clocks = {"maskrcnn": StageClock(), "torchvision": StageClock()}
-    c = clocks["maskrcnn"]
-    c.hook(ours.backbone, "backbone0", "backbone1")
-    c.hook(ours.rpn, "rpn0", "rpn1")
-    c.hook(ours.roi_heads, "heads0", "heads1")
-    c.hook(ours.roi_heads.mask_pooler, "mask0", "mask0_end")
-    c.wrap(ours.transform, "postprocess", "post0", "post1")
-    c = clocks["torchvision"]
-    c.hook(theirs.backbone, "backbone0", "backbone1")
-    c.hook(theirs.rpn, "rpn0", "rpn1")
-    c.hook(theirs.roi_heads, "heads0", "heads1")
-    c.hook(theirs.roi_heads.mask_roi_pool, "mask0", "mask0_end")
-    c.wrap(theirs.transform, "postprocess", "post0", "post1")
     models = {"maskrcnn": ours, "torchvision": theirs}
+    if args.bf16:
+        import copy
+
+        from maskrcnn.modeling.precision import native_support
+
+        native, why = native_support("bf16", "cpu")
+        if native:
+            models["maskrcnn bf16"] = copy.deepcopy(ours).set_precision("bf16")
+        else:
+            print(f"bf16 column left out: {why}")
+    clocks = {name: StageClock() for name in models}
+    for name, model in models.items():
+        c = clocks[name]
+        tv_side = name == "torchvision"
+        c.hook(model.backbone, "backbone0", "backbone1")
+        c.hook(model.rpn, "rpn0", "rpn1")
+        c.hook(model.roi_heads, "heads0", "heads1")
+        c.hook(
+            model.roi_heads.mask_roi_pool if tv_side else model.roi_heads.mask_pooler, "mask0", "mask0_end"
+        )
+        c.wrap(model.transform, "postprocess", "post0", "post1")
 
     folder = os.path.join(args.shared, "data", "coco-mini", "val2017")
     files = sorted(os.listdir(folder))[: args.images]
@@ -152,12 +165,14 @@ def main() -> int:
         f"{sorted({s['detections'] for s in samples['torchvision']})} (torchvision)"
     )
     print(f"command: {' '.join(sys.argv)}\n")
-    print("| stage | maskrcnn s (median) | torchvision s (median) | speed-up |")
-    print("| --- | --- | --- | --- |")
+    names = list(models)
+    print("| stage | " + " | ".join(f"{n} s (median)" for n in names) + " | speed-up (torchvision / ours) |")
+    print("| --- " * (len(names) + 2) + "|")
     for key in ("total", *STAGES):
-        a, b = med("maskrcnn", key), med("torchvision", key)
-        print(f"| {key} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
-    print(f"| peak RSS (GiB) | {peak['maskrcnn']:.2f} | {peak['torchvision']:.2f} | |")
+        times = {n: med(n, key) for n in names}
+        ups = ", ".join(f"{times['torchvision'] / times[n]:.2f}x" for n in names if n != "torchvision")
+        print(f"| {key} | " + " | ".join(f"{times[n]:.3f}" for n in names) + f" | {ups} |")
+    print("| peak RSS (GiB) | " + " | ".join(f"{peak[n]:.2f}" for n in names) + " | |")
     return 0
 
 
