@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint bench clean
 
 $(VENV)/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# every speed benchmark beside torchvision (needs tvref: sh ../shared/tools/tvref/setup.sh); writes the
+# section of this machine kind in benchmarks/RESULTS.md
+bench: setup
+	$(PY) -m benchmarks --write
 
 lint: setup
 	$(VENV)/bin/ruff check maskrcnn tests benchmarks

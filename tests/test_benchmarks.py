@@ -1,0 +1,25 @@
+"""``python -m benchmarks``: the machine kind it files results under; it replaces only its own section."""
+
+from benchmarks.__main__ import machine_kind, replace_section
+
+
+def test_machine_kinds_tell_the_three_cpus_apart():
+    assert machine_kind("AMD EPYC", "avx2", None) == "AMD EPYC, AVX2"
+    assert machine_kind("AMD EPYC 9R14", "avx2 avx512f avx512_bf16", None) == "AMD EPYC, AVX-512"
+    xeon = "Intel(R) Xeon(R) Platinum 8488C"
+    assert machine_kind(xeon, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile", None) == "Intel Xeon, AMX"
+    assert machine_kind(xeon, "avx2 avx512f amx_tile", "NVIDIA H100") == "Intel Xeon, AMX + NVIDIA H100"
+
+
+def test_a_machines_section_is_replaced_and_everything_else_kept():
+    text = "# Results\n\nhand-written notes\n"
+    once = replace_section(text, "AMD EPYC, AVX2", "## run 1\n| a |")
+    assert (
+        once.startswith(text.rstrip())
+        and "<!-- bench: AMD EPYC, AVX2 -->\n## run 1\n| a |\n<!-- /bench" in once
+    )
+    both = replace_section(once, "Intel Xeon, AMX", "## xeon")
+    again = replace_section(both, "AMD EPYC, AVX2", "## run 2")
+    assert "## run 1" not in again and "## run 2" in again and "## xeon" in again
+    assert again.count("<!-- bench:") == 2 and again.startswith("# Results\n\nhand-written notes")
+    assert replace_section(again, "Intel Xeon, AMX", "## xeon") == again  # idempotent
