@@ -11,8 +11,8 @@ postprocess (boxes scaled back, masks pasted into the image). Peak memory: the p
     /tmp/tvref-venv/bin/python benchmarks/inference.py [--images 8] [--runs 1] [--threads 2] [--bf16]
 
 ``--bf16`` adds a column: ours with ``set_precision("bf16")`` (backbone and heavy head layers in bfloat16),
-measured only where the CPU runs bfloat16 natively (AVX512-BF16 or AMX); elsewhere it says why not (on an
-AVX2-only EPYC an emulated bf16 3x3 convolution took ~300x float32's time).
+measured only where the CPU runs bfloat16 natively (AVX512-BF16 or AMX); elsewhere it says why not
+(``benchmarks/precision.py`` measures what emulated bf16 costs).
 """
 
 from __future__ import annotations
