@@ -479,7 +479,7 @@ def test_a_real_signal_to_maskrcnn_train_checkpoints_and_exits(shapes, tmp_path,
 
 
 def test_predict_eval_and_serve_take_precision(tmp_path, capsys, caplog, checkpoint, images):
-    """--precision bf16: runs in bf16 where the CPU has it, else one warning and float32 (either way: done)."""
+    """--precision bf16: bf16 where the CPU has it, else one warning and float32 (either way: done)."""
     from maskrcnn.modeling.precision import native_support
 
     out = str(tmp_path / "pred")

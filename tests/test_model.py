@@ -301,3 +301,27 @@ def test_overfits_two_images():
             assert len(candidates), f"class {label} not detected"
             best = max(_mask_iou(out["masks"][i, 0] > 0.5, gt_mask) for i in candidates.tolist())
             assert best >= 0.9, best
+
+
+def test_class_agnostic_mask_model_has_one_mask_channel_and_loads_into_inference(tmp_path):
+    """roi_heads.class_agnostic_mask (paper Table 2b's text): one mask logit map per RoI whatever its class;
+    a checkpoint of it loads (config and weights) and predicts masks [N, 1, H, W]."""
+    from maskrcnn.weights import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = tiny(get_config("R-18-FPN-small"))
+    cfg.roi_heads.class_agnostic_mask = True
+    model = build_model(cfg)
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 1
+    specific = build_model(tiny(get_config("R-18-FPN-small")))
+    assert specific.roi_heads.mask_predictor.mask_fcn_logits.out_channels == cfg.num_classes
+    image, target = make_sample()
+    sum(model.train()([image], [target]).values()).backward()
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_model(str(tmp_path / "m.pt"))
+    assert loaded.config.roi_heads.class_agnostic_mask is True
+    with torch.no_grad():
+        (ours,) = model.eval()([image])
+        (theirs,) = loaded([image])
+    assert len(ours["boxes"]) > 0 and theirs["masks"].shape == (len(ours["boxes"]), 1, 96, 128)
+    torch.testing.assert_close(theirs["masks"], ours["masks"], rtol=0, atol=0)

@@ -117,6 +117,18 @@ def test_mask_loss_softmax_hand_computed():
         mask_loss(torch.zeros(1, 1, 2, 2), torch.tensor([1]), torch.zeros(1, 2, 2), kind="softmax")
 
 
+def test_mask_loss_softmax_equals_naive_per_pixel_cross_entropy():
+    from tests.reference.masks_ref import softmax_mask_loss_ref
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 6, 6, generator=g, dtype=torch.float64) * 3
+    labels = torch.tensor([1, 3, 2, 2, 1])
+    targets = torch.rand(5, 6, 6, generator=g, dtype=torch.float64)
+    loss = mask_loss(logits, labels, targets, kind="softmax")
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(softmax_mask_loss_ref(logits, labels, targets), rel=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
 def test_mask_loss_empty(kind):
     logits = torch.zeros(0, K, 28, 28, requires_grad=True)

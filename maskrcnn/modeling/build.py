@@ -46,7 +46,7 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         roi_scales = [1.0 / backbone.strides[k] for k in roi_features]
     elif bb.kind in ("c4", "c5"):
         # C4: res4 features, res5 runs per RoI as the box head. C5 (the paper's R-50-C5 of Table 2d): the
-        # whole ResNet, one stride-32 map for the RPN and the RoI heads (FPN-style MLP box head, FCN mask head)
+        # whole ResNet, one stride-32 map for the RPN and the RoI heads (the MLP box head, the FCN mask head)
         level = bb.kind
         backbone = ResNet(
             **spec,

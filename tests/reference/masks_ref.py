@@ -6,6 +6,7 @@ sample at a time, so that the vectorised code can be checked against something o
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -72,3 +73,20 @@ def rasterize_ref(polygons, h: int, w: int) -> np.ndarray:
     with warnings.catch_warnings():  # pycocotools + NumPy 2: harmless copy=False DeprecationWarning
         warnings.simplefilter("ignore", DeprecationWarning)
         return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
+def softmax_mask_loss_ref(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> float:
+    """The multinomial mask loss of the paper's Table 2b, pixel by pixel: each pixel of RoI ``r`` belongs to
+    class ``labels[r]`` where ``targets[r] >= 0.5`` and to the background (class 0) elsewhere; the loss is
+    the cross-entropy of the softmax over all classes, averaged over every pixel of every RoI."""
+    total, count = 0.0, 0
+    for r in range(logits.shape[0]):
+        for y in range(logits.shape[2]):
+            for x in range(logits.shape[3]):
+                z = [float(v) for v in logits[r, :, y, x]]
+                cls = int(labels[r]) if float(targets[r, y, x]) >= 0.5 else 0
+                top = max(z)
+                log_sum = top + math.log(sum(math.exp(v - top) for v in z))
+                total += log_sum - z[cls]
+                count += 1
+    return total / count
