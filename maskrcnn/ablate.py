@@ -8,8 +8,8 @@ Each table compares variants of one design choice (paper section 4.2, R-50-C4 / 
 - ``2d`` RoIPool vs RoIAlign on one stride-32 map (the paper's R-50-C5; here ``backbone.kind='c5'``);
 - ``2e`` mask branch: the MLP (fc 1024 -> 1024 -> classes x 28 x 28) vs the FCN.
 
-Every variant is the demo's model (:func:`maskrcnn.demo.demo_config`: ResNet-18-FPN from scratch, here at
-half width) with one change, trained on the same data with the same schedule and seeds, and evaluated on
+Every variant is the demo's model (:func:`maskrcnn.demo.demo_config`: a half-width ResNet-18-FPN from
+scratch) with one change, trained on the same data with the same schedule and seeds, and evaluated on
 the same held-out split (box and mask AP, AP50, AP75). RoIAlign is the paper's (``aligned=False``, no
 half-pixel offset) in every variant, and the FPN form is used where the paper used C4 (2b, 2c): the C4
 res5 head on every RoI costs more than this budget allows; the note under each table says so.
@@ -148,8 +148,8 @@ TABLE_CHOICES = (*TABLES, "all")
 
 
 def ablation_config(output_dir: str, *, iters: int, seed: int, overrides=(), device: str = "auto") -> Config:
-    """The run config of one ablation run: the demo's model at half width and the paper's RoIAlign
-    (``aligned=False``), ``iters`` iterations with the learning rate dropped x0.1 at 85% and 95%, on the
+    """The run config of one ablation run: the demo's half-width model with the paper's RoIAlign
+    (``aligned=False``; the demo uses ``True``), ``iters`` iterations with the learning rate dropped x0.1 at 85% and 95%, on the
     shapes data in ``output_dir/data``; ``overrides`` (``KEY=VALUE``) are the variant's change."""
     from maskrcnn.demo import demo_config
 
@@ -391,6 +391,7 @@ def _plot(summary: dict, path: str) -> None:
     ax.barh([i + 0.2 for i in y], ap75, height=0.4, xerr=ap75_err, label="mask AP75")
     ax.set_yticks(list(y), names, fontsize=8)
     ax.invert_yaxis()
+    ax.set_xlim(left=0)
     ax.set_xlabel("x 100, val split")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(

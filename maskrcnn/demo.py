@@ -24,12 +24,14 @@ TASKS = ("shapes", "keypoints")
 
 
 def demo_config(output_dir: str) -> Config:
-    """The demo's run config: R-18-FPN at 256 px trained from scratch on the shapes data."""
+    """The demo's run config: a half-width R-18-FPN at 256 px trained from scratch on the shapes data."""
     cfg = make_config("R-18-FPN-small")
     m = cfg.model
     m.num_classes = 4  # background + circle, square, triangle
     m.backbone.norm = "bn"  # no pretrained weights: train every layer, with batch statistics
     m.backbone.frozen_stages = 0
+    m.backbone.base_channels = 32  # half-width ResNet-18: ~1.7x the iterations per minute of full width
+    m.roi_heads.aligned = True  # RoIAlign's half-pixel alignment (detectron2's ROIAlignV2)
     m.backbone.fpn_channels = 64  # narrow FPN/RPN/heads: ~1.3x more iterations per minute, same loss per step
     m.input.min_size = (256,)  # the images' own size: no resizing
     m.input.max_size = 256
@@ -47,9 +49,10 @@ def demo_config(output_dir: str) -> Config:
     cfg.data.num_workers = 1
     s = cfg.solver
     s.ims_per_batch, s.base_lr, s.reference_batch = 4, 0.02, 4
-    # 950 iterations: mask AP 0.770, AP50 0.912 in 17.9 min on an AVX2-only AMD EPYC, 27% less than the
-    # 1300 before (AP 0.798 / 0.931 there); see benchmarks/RESULTS.md, "The demo"
-    s.max_iter, s.steps, s.warmup_iters = 950, (730, 880), 50
+    # 1000 iterations with the LR drops late (the half-width model under-fits: it needs the long full-LR
+    # phase): mask AP 0.758, AP50 0.917 in 10.5 min on an AVX2-only AMD EPYC, the slowest 2-core machine
+    # seen (full width, 950 iterations: 0.770 / 0.912 in 17.9 min); benchmarks/RESULTS.md, "The demo"
+    s.max_iter, s.steps, s.warmup_iters = 1000, (930, 980), 50
     s.weight_decay = 1e-4
     s.clip_grad_norm = 10.0
     cfg.output_dir = os.path.join(output_dir, "train")
@@ -66,8 +69,7 @@ def keypoint_demo_config(output_dir: str) -> Config:
     cfg = demo_config(output_dir)
     m = cfg.model
     m.num_classes = 2  # background + person
-    m.backbone.base_channels = 32  # half-width ResNet-18: ~1.8x the iterations per minute
-    m.roi_heads.aligned = True  # pooled grid on the heatmap cells: +0.028 keypoint AP in one run each
+    # demo_config's half-width backbone and aligned RoIAlign (+0.028 keypoint AP over unaligned, one run each)
     m.roi_heads.detections_per_img = 10  # at most 3 figures per image
     m.roi_heads.keypoint = True
     m.roi_heads.num_keypoints = 17
