@@ -149,8 +149,9 @@ TABLE_CHOICES = (*TABLES, "all")
 
 def ablation_config(output_dir: str, *, iters: int, seed: int, overrides=(), device: str = "auto") -> Config:
     """The run config of one ablation run: the demo's half-width model with the paper's RoIAlign
-    (``aligned=False``; the demo uses ``True``), ``iters`` iterations with the learning rate dropped x0.1 at 85% and 95%, on the
-    shapes data in ``output_dir/data``; ``overrides`` (``KEY=VALUE``) are the variant's change."""
+    (``aligned=False``; the demo uses ``True``), ``iters`` iterations with the learning rate dropped x0.1 at
+    85% and 95%, on the shapes data in ``output_dir/data``; ``overrides`` (``KEY=VALUE``) are the variant's
+    change."""
     from maskrcnn.demo import demo_config
 
     cfg = demo_config(output_dir)
@@ -198,29 +199,41 @@ def _read_result(path: str, expected: dict) -> dict | None:
     return result
 
 
-def _calibrate(cfg: Config, steps: int = 2) -> float:
-    """Seconds per training iteration of ``cfg``'s model on its first training batch (one warm-up step,
-    then the mean of ``steps``): the basis of the time estimate printed before the ablation starts."""
+def _calibrate(cfgs: dict[str, Config], steps: int = 2) -> dict[str, float]:
+    """Seconds per training iteration of each config's model (by variant key) on the first training batch,
+    on the config's device (one warm-up step, then the mean of ``steps``): the basis of the time estimate
+    printed before the ablation starts. Variants differ in cost (RoIPool's gather, the MLP mask head)."""
     import torch
 
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.data.loader import collate
     from maskrcnn.modeling.build import build_model
 
-    data = CocoDataset(image_dir=cfg.data.train_images, annotation_file=cfg.data.train_annotations)
-    images, targets = collate([data[i] for i in range(min(len(data), cfg.solver.ims_per_batch))])
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.mean(times[1:])
+    first = next(iter(cfgs.values()))
+    data = CocoDataset(image_dir=first.data.train_images, annotation_file=first.data.train_annotations)
+    batch = collate([data[i] for i in range(min(len(data), first.solver.ims_per_batch))])
+    seconds = {}
+    for key, cfg in cfgs.items():
+        device = torch.device(
+            cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        images = [im.to(device) for im in batch[0]]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch[1]]
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model).to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            loss = sum(model(images, targets).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        seconds[key] = statistics.mean(times[1:])
+    return seconds
 
 
 def run_ablation(
@@ -260,14 +273,19 @@ def run_ablation(
     }
     todo = [(v, s) for v, s in runs if done[(v.key, s)] is None]
     if todo:
-        per_iter = _calibrate(ablation_config(output_dir, iters=iters, seed=0, device=device))
-        # + ~15 s per run for building, the data check and evaluating 50 val images (2-core CPU)
-        estimate = len(todo) * (iters * per_iter + 15 + 0.3 * num_val)
+        per_iter = _calibrate(
+            {
+                v.key: ablation_config(output_dir, iters=iters, seed=0, overrides=v.overrides, device=device)
+                for v in {v.key: v for v, _ in todo}.values()
+            }
+        )
+        # + ~30 s per run on a 2-core CPU for building, the data check, checkpoints and evaluating 50 images
+        estimate = sum(iters * per_iter[v.key] + 15 + 0.3 * num_val for v, _ in todo)
         print(
             f"[ablate] {len(runs)} runs ({len(variants)} variants x {seeds} seed(s), {iters} iterations"
-            " each),"
-            f" {len(runs) - len(todo)} already done; {per_iter:.2f} s per iteration measured here:"
-            f" about {estimate / 60:.0f} min for the {len(todo)} to run"
+            f" each), {len(runs) - len(todo)} already done; {min(per_iter.values()):.2f}-"
+            f"{max(per_iter.values()):.2f} s per iteration measured here: about {estimate / 60:.0f} min"
+            f" for the {len(todo)} to run"
         )
     start = time.time()
     for i, (v, s) in enumerate(todo):
