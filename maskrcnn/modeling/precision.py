@@ -9,10 +9,10 @@ precision lost is the features', not the outputs' arithmetic. Nothing in the mod
 switch is a pair of forward hooks per module, and the weights stay float32 (``set_precision("fp32")``
 restores the exact float32 model).
 
-bfloat16 pays only where the hardware has it: CPUs with AVX512-BF16 or AMX (oneDNN runs bf16 convolutions
-there several times faster than float32), CUDA GPUs of compute capability >= 8.0. Elsewhere bf16 is
-emulated and slower than float32, so :func:`set_precision` stays float32 and warns, unless ``force=True``
-(to measure bf16's accuracy on any machine).
+bfloat16 is for hardware that has it: CPUs with AVX512-BF16 or AMX (where oneDNN has bf16 kernels), CUDA
+GPUs of compute capability >= 8.0. Elsewhere bf16 is emulated and far slower than float32
+(``benchmarks/precision.py`` measures it), so :func:`set_precision` stays float32 and warns, unless
+``force=True`` (to measure bf16's accuracy on any machine).
 """
 
 from __future__ import annotations
