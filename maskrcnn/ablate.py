@@ -207,6 +207,7 @@ def _calibrate(cfgs: dict[str, Config], steps: int = 2) -> dict[str, float]:
 
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.data.loader import collate
+    from maskrcnn.engine.distributed import resolve_device
     from maskrcnn.modeling.build import build_model
 
     first = next(iter(cfgs.values()))
@@ -214,9 +215,7 @@ def _calibrate(cfgs: dict[str, Config], steps: int = 2) -> dict[str, float]:
     batch = collate([data[i] for i in range(min(len(data), first.solver.ims_per_batch))])
     seconds = {}
     for key, cfg in cfgs.items():
-        device = torch.device(
-            cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        device = resolve_device(cfg.device)
         images = [im.to(device) for im in batch[0]]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch[1]]
         torch.manual_seed(cfg.seed)

@@ -127,7 +127,7 @@ def test_without_native_support_it_warns_and_stays_float32(model, monkeypatch, c
 def test_native_support_matches_the_cpu_flags():
     ok, why = native_support("bf16", "cpu")
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
-    if flags is not None:
-        assert ok == (" avx512_bf16" in flags or " amx_bf16" in flags), why
+    if flags is not None and " avx512_bf16" not in flags and " amx_bf16" not in flags:
+        assert not ok, why  # no bf16 instructions: never claimed (torch may also decline where they exist)
     assert native_support("fp32", "cpu") == (True, "float32")
     assert native_support("fp16", "cpu")[0] is False
