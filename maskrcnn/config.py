@@ -30,6 +30,7 @@ __all__ = [
     "SolverConfig",
     "Config",
     "PRESETS",
+    "box_head_kind",
     "get_config",
     "make_config",
     "load_config_file",
@@ -53,7 +54,8 @@ class UnknownKeyError(ConfigError, KeyError):
 @dataclass
 class BackboneConfig:
     name: str = "resnet50"  # resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d
-    # "fpn" (P2-P6), "c4" (res4 features, res5 as the RoI head) or "c5" (one stride-32 res5 map, Table 2d)
+    # "fpn" (P2-P6), "c4" (one stride-16 res4 map; res5 as the RoI head unless roi_heads.box_head='mlp') or
+    # "c5" (one stride-32 res5 map, Table 2d)
     kind: str = "fpn"
     norm: str = "frozen_bn"  # "frozen_bn" or "bn"
     frozen_stages: int = 2  # 0: none, 1: stem, 2: stem + res2 (detectron2 FREEZE_AT=2), ... 5
@@ -95,6 +97,10 @@ class RoIHeadsConfig:
     pooler: str = "align"  # "align", "align_max", "pool", "warp_max", "warp_avg" (paper Table 2c)
     sampling_ratio: int = 2  # RoIAlign samples per bin and axis; <= 0: adaptive
     aligned: bool = False  # RoIAlign half-pixel alignment (see maskrcnn.ops.roi_align)
+    # the box head after the pooler: "mlp" (two fc layers of representation_size), "res5" (the C4 model's
+    # res5 stage on each 14x14 RoI, paper Fig. 4 left; backbone.kind='c4' only) or "auto" (res5 for c4, mlp
+    # otherwise). A C4 body with the mlp head pools res4 at stride 16 for every head (Table 2c's ablation)
+    box_head: str = "auto"
     box_pool_size: int = 7
     mask_pool_size: int = 14
     representation_size: int = 1024
@@ -192,6 +198,15 @@ class Config:
 
 def _fpn(name: str, **roi) -> ModelConfig:
     return ModelConfig(backbone=BackboneConfig(name=name, kind="fpn"), roi_heads=RoIHeadsConfig(**roi))
+
+
+def box_head_kind(model: ModelConfig) -> str:
+    """The box head ``model`` builds: ``"res5"`` or ``"mlp"`` (``roi_heads.box_head`` with ``"auto"``
+    resolved: res5 for the C4 form, mlp otherwise)."""
+    head = model.roi_heads.box_head
+    if head == "auto":
+        return "res5" if model.backbone.kind == "c4" else "mlp"
+    return head
 
 
 def _c4(name: str) -> ModelConfig:
@@ -579,6 +594,7 @@ _RULES: dict[type, dict] = {
         "nms_thresh": _UNIT,
         "detections_per_img": _POS_INT,
         "mask": _BOOL,
+        "box_head": _one_of(lambda: ("auto", "mlp", "res5")),
         "mask_head": _one_of(lambda: ("fcn", "mlp")),
         "mask_head_channels": _POS_INT,
         "mask_loss": _one_of(_mask_losses),
@@ -699,8 +715,14 @@ def _validate_model(m: ModelConfig, prefix: str) -> None:
             f"{levels} level(s) for {prefix}backbone.kind={m.backbone.kind!r}",
         )
     hc = m.roi_heads
-    if hc.mask and m.backbone.kind == "c4" and hc.mask_head != "fcn":
-        _fail(f"{prefix}roi_heads.mask_head", hc.mask_head, "'fcn' with backbone.kind='c4' (the res5 head)")
+    if hc.box_head == "res5" and m.backbone.kind != "c4":
+        _fail(
+            f"{prefix}roi_heads.box_head",
+            hc.box_head,
+            f"'mlp' or 'auto' with backbone.kind={m.backbone.kind!r}",
+        )
+    if hc.mask and box_head_kind(m) == "res5" and hc.mask_head != "fcn":
+        _fail(f"{prefix}roi_heads.mask_head", hc.mask_head, "'fcn' with the res5 box head (C4)")
     if hc.keypoint and m.backbone.kind != "fpn":
         _fail(
             f"{prefix}roi_heads.keypoint",

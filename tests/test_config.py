@@ -10,6 +10,7 @@ from maskrcnn.config import (
     Config,
     ConfigError,
     apply_overrides,
+    box_head_kind,
     config_from_dict,
     get_config,
     load_config_file,
@@ -111,6 +112,15 @@ def test_keys_that_depend_on_each_other():
     c4 = apply_overrides(make_config("R-50-C4"), ["model.backbone.kind=c4"])
     with pytest.raises(ConfigError, match="model.roi_heads.mask_head='mlp'"):
         apply_overrides(c4, ["model.roi_heads.mask_head=mlp"])
+    with pytest.raises(ConfigError, match="model.roi_heads.box_head='res5'.*backbone.kind='fpn'"):
+        apply_overrides(cfg, ["model.roi_heads.box_head=res5"])
+    # the C4 body with the MLP box head pools res4 for the mask head too: any mask head
+    c4_mlp = apply_overrides(c4, ["model.roi_heads.box_head=mlp", "model.roi_heads.mask_head=mlp"])
+    assert (box_head_kind(c4_mlp.model), box_head_kind(c4.model), box_head_kind(cfg.model)) == (
+        "mlp",
+        "res5",
+        "mlp",
+    )
     with pytest.raises(ConfigError, match="class_agnostic_mask"):
         apply_overrides(cfg, ["model.roi_heads.mask_loss=softmax", "model.roi_heads.class_agnostic_mask=1"])
     with pytest.raises(ConfigError, match="solver.max_iter=0.*cosine"):

@@ -128,6 +128,34 @@ def test_c5_backbone_is_one_stride_32_map_for_rpn_and_both_heads():
     assert not hasattr(c4.backbone, "layer4") and hasattr(model.backbone, "layer4")
 
 
+def test_c4_body_with_the_mlp_head_pools_res4_for_both_heads():
+    """backbone.kind='c4' with roi_heads.box_head='mlp' (Table 2c's miniature): no res5 anywhere; the RPN,
+    the box pooler and the mask pooler all read the one stride-16 res4 map; it trains and predicts."""
+    from maskrcnn.modeling.box_head import TwoMLPHead
+    from maskrcnn.modeling.mask_head import MaskRCNNHeads
+
+    torch.manual_seed(0)
+    cfg = tiny(get_config("R-50-C4"))
+    cfg.backbone.name, cfg.backbone.base_channels = "resnet18", 32
+    cfg.roi_heads.box_head, cfg.roi_heads.box_pool_size = "mlp", 7
+    model = build_model(cfg)
+    assert not hasattr(model.backbone, "layer4") and model.roi_features == ("c4",)
+    for pooler in (model.roi_heads.box_pooler, model.roi_heads.mask_pooler):
+        assert list(pooler.scales) == [1.0 / 16]
+    assert isinstance(model.roi_heads.box_head, TwoMLPHead)
+    assert model.roi_heads.box_head.fc6.in_features == 128 * 7 * 7  # half-width res4: 128 channels
+    assert isinstance(model.roi_heads.mask_head, MaskRCNNHeads)
+    image, target = make_sample()
+    sum(model.train()([image], [target]).values()).backward()
+    with torch.no_grad():
+        (out,) = model.eval()([image])
+    assert out["masks"].shape[1:] == (1, 96, 128)
+    with pytest.raises(ValueError, match="box_head='res5' needs backbone.kind='c4'"):
+        fpn = tiny(get_config("R-18-FPN-small"))
+        fpn.roi_heads.box_head = "res5"
+        build_model(fpn)
+
+
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one():
     torch.manual_seed(0)
     model = build_model(tiny(get_config("R-18-FPN-small")))

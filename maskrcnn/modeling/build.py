@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from maskrcnn.config import ModelConfig, get_config
+from maskrcnn.config import ModelConfig, box_head_kind, get_config
 from maskrcnn.modeling.backbone import ResNet, resnet_spec
 from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.box_head import FastRCNNPredictor, Res5Head, TwoMLPHead
@@ -45,8 +45,9 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
         rpn_strides = tuple(backbone.strides[k] for k in rpn_features)
         roi_scales = [1.0 / backbone.strides[k] for k in roi_features]
     elif bb.kind in ("c4", "c5"):
-        # C4: res4 features, res5 runs per RoI as the box head. C5 (the paper's R-50-C5 of Table 2d): the
-        # whole ResNet, one stride-32 map for the RPN and the RoI heads (the MLP box head, the FCN mask head)
+        # C4: res4 features, res5 runs per RoI as the box head (or the MLP head: roi_heads.box_head). C5 (the
+        # paper's R-50-C5 of Table 2d): the whole ResNet, one stride-32 map for the RPN and the RoI heads (the
+        # MLP box head, the FCN mask head)
         level = bb.kind
         backbone = ResNet(
             **spec,
@@ -97,7 +98,10 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
             kind=hc.pooler,
         )
 
-    if bb.kind != "c4":
+    res5_head = box_head_kind(cfg) == "res5"
+    if res5_head and bb.kind != "c4":
+        raise ValueError(f"roi_heads.box_head='res5' needs backbone.kind='c4', got {bb.kind!r}")
+    if not res5_head:
         box_head = TwoMLPHead(
             in_channels=channels * hc.box_pool_size**2, representation_size=hc.representation_size
         )
@@ -155,11 +159,11 @@ def build_model(config: ModelConfig | str) -> MaskRCNN:
 def _mask_branch(
     cfg: ModelConfig, *, channels: int, pooler: Callable[[int], MultiLevelPooler], box_head: nn.Module
 ) -> MaskBranch:
-    """FPN: its own pooler, the FCN (or MLP) head and predictor. C4: no pooler, the deconvolution predictor
-    on the box head's res5 output."""
+    """Its own pooler, the FCN (or MLP) head and predictor; with the res5 box head (C4) no pooler, the
+    deconvolution predictor on the box head's res5 output."""
     hc = cfg.roi_heads
     options = dict(mask_loss=hc.mask_loss, class_agnostic=hc.class_agnostic_mask)
-    if cfg.backbone.kind == "c4":
+    if box_head_kind(cfg) == "res5":
         if hc.mask_head != "fcn":
             raise ValueError(
                 "the C4 model's mask head is the res5 deconvolution; roi_heads.mask_head must be 'fcn'"
