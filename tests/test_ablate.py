@@ -41,9 +41,13 @@ def test_each_variant_changes_only_the_keys_it_names_and_builds(key, tmp_path):
     )
     # the paper's RoIAlign (no half-pixel offset), the demo's half-width backbone, in every variant
     assert hc.aligned is False and cfg.model.backbone.base_channels == 32
+    # one map at the form's stride (FPN: P2-P5), read by the FPN model's heads (never res5 per RoI)
+    stride = {"fpn": 4, "c4": 16, "c5": 32}[cfg.model.backbone.kind]
+    assert model.roi_heads.box_pooler.scales[0] == 1 / stride
+    assert type(model.roi_heads.box_head).__name__ == "TwoMLPHead"
 
 
-def test_every_table_has_the_default_model_or_the_c5_pair_and_the_papers_numbers():
+def test_every_table_has_the_papers_numbers_and_2c_2d_pool_one_coarse_map():
     for t in TABLES.values():
         keys = [v.key for v in t.variants]
         assert len(set(keys)) == len(keys)
@@ -51,6 +55,8 @@ def test_every_table_has_the_default_model_or_the_c5_pair_and_the_papers_numbers
         assert all(v.paper is not None and v.paper[0] is not None for v in t.variants)
     assert ALL_VARIANTS["c5-align"].paper == (30.9, 51.8, 32.1)  # ../shared/docs/paper.md, Table 2d
     assert {o.split("=")[0] for o in ALL_VARIANTS["c5-pool"].overrides} >= {"model.backbone.kind"}
+    for v in TABLES["2c"].variants:  # the paper's 2c is C4: a stride-16 map
+        assert "model.backbone.kind=c4" in v.overrides and "model.roi_heads.box_head=mlp" in v.overrides
 
 
 def test_schedule_scales_with_the_iterations(tmp_path):
@@ -92,7 +98,7 @@ def test_report_names_every_variant_beside_the_paper(tmp_path):
         assert f"## Table {t.key}:" in md
         for v in t.variants:
             assert f"| {v.label} |" in md
-    assert "| RoIPool (max) | 33.5 +- 0.7 |" in md  # 4th of ALL_VARIANTS: mean of 0.33 and 0.34
+    assert "| C4, RoIPool (max) | 33.5 +- 0.7 |" in md  # 4th of ALL_VARIANTS: mean of 0.33 and 0.34
     assert "| 26.9 / 48.8 / 26.4 |" in md and "29.7 / – / –" in md
     assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "ablations.json").read_text())["runs"] == summary["runs"]
