@@ -23,3 +23,19 @@ def test_a_machines_section_is_replaced_and_everything_else_kept():
     assert "## run 1" not in again and "## run 2" in again and "## xeon" in again
     assert again.count("<!-- bench:") == 2 and again.startswith("# Results\n\nhand-written notes")
     assert replace_section(again, "Intel Xeon, AMX", "## xeon") == again  # idempotent
+
+
+def test_gpu_script_runs_every_part_small_on_a_cpu(tmp_path):
+    """benchmarks/gpu.py is run once per GPU lease: its code paths are smoke-tested here, small, on the
+    CPU (torchvision's columns are left out where it is missing), so the lease is not spent on a typo."""
+    from benchmarks.gpu import main
+
+    out = tmp_path / "gpu"
+    assert main(["--out", str(out), "--device", "cpu", "--quick", "--runs", "1"]) == 0
+    report = (out / "gpu.md").read_text()
+    for part in ("tests", "ops", "inference", "train", "profile"):
+        assert f"### {part} (" in report
+    assert "| box head 7x7 | forward+backward |" in report and "| 5000 |" in report
+    assert "| maskrcnn fp32 |" in report and "ms per iteration (wall)" in report
+    assert "Traceback" not in report
+    assert main(["--out", str(out), "--device", "cpu", "--parts", "ops,nope"]) == 2
