@@ -26,6 +26,7 @@ from maskrcnn.modeling.build import build_model  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BOX_TOL, SCORE_TOL, MASK_IOU, KEYPOINT_TOL = 1e-2, 1e-4, 0.99, 1e-2
+STABLE_BOX = 5e-4  # px: a box float32 rounding moves by at most this is held to BOX_TOL (the R-50 test)
 
 
 def _session(path):
@@ -37,30 +38,37 @@ def _run(session, image: torch.Tensor) -> dict[str, torch.Tensor]:
     return {o.name: torch.from_numpy(v) for o, v in zip(session.get_outputs(), outputs)}
 
 
-def deviations(eager: dict, onnx: dict) -> dict[str, float]:
-    """Match ``onnx``'s detections to ``eager``'s one to one (same label, nearest box) and return the largest
-    box and score differences, the smallest mask IoU (at 0.5) and the largest keypoint difference. Both
-    lists are sorted by score; two detections whose scores are closer than the float noise between two
-    runtimes may come in either order, hence the matching."""
+def per_detection(eager: dict, onnx: dict) -> dict[str, torch.Tensor]:
+    """Match ``onnx``'s detections to ``eager``'s one to one (same label, nearest box) and return, per eager
+    detection, the box and score differences and the mask IoU (at 0.5). Both lists are sorted by score;
+    two detections whose scores are closer than the float noise between two runtimes may come in either
+    order, hence the matching."""
     n = eager["boxes"].shape[0]
     assert onnx["boxes"].shape == (n, 4), (onnx["boxes"].shape, n)
-    out = {"box": 0.0, "score": 0.0, "mask_iou": 1.0, "keypoint": 0.0}
-    if n == 0:
-        return out
     cost = (eager["boxes"][:, None] - onnx["boxes"][None]).abs().amax(-1)
     cost[eager["labels"][:, None] != onnx["labels"][None]] = float("inf")
-    match = cost.argmin(1)
+    match = cost.argmin(1) if n else torch.zeros(0, dtype=torch.int64)
     assert torch.equal(match.sort().values, torch.arange(n)), "detections do not match one to one"
     assert torch.equal(onnx["labels"][match], eager["labels"])
-    out["box"] = float(cost[torch.arange(n), match].max())
-    out["score"] = float((onnx["scores"][match] - eager["scores"]).abs().max())
+    out = {"box": cost[torch.arange(n), match], "score": (onnx["scores"][match] - eager["scores"]).abs()}
     if "masks" in eager:
         a, b = eager["masks"][:, 0] > 0.5, onnx["masks"][match, 0] > 0.5
         union = (a | b).flatten(1).sum(1)
-        iou = torch.where(union > 0, (a & b).flatten(1).sum(1) / union.clamp(min=1), torch.ones(n))
-        out["mask_iou"] = float(iou.min())
+        out["mask_iou"] = torch.where(
+            union > 0, (a & b).flatten(1).sum(1) / union.clamp(min=1), torch.ones(n)
+        )
     if "keypoints" in eager:
-        out["keypoint"] = float((onnx["keypoints"][match] - eager["keypoints"]).abs().max())
+        out["keypoint"] = (onnx["keypoints"][match] - eager["keypoints"]).abs().flatten(1).amax(1)
+    return out
+
+
+def deviations(eager: dict, onnx: dict) -> dict[str, float]:
+    """The largest box and score differences, the smallest mask IoU (at 0.5) and the largest keypoint
+    difference of :func:`per_detection`."""
+    d = per_detection(eager, onnx)
+    out = {"box": 0.0, "score": 0.0, "mask_iou": 1.0, "keypoint": 0.0}
+    if eager["boxes"].shape[0]:
+        out.update({k: float(v.min() if k == "mask_iou" else v.max()) for k, v in d.items()})
     return out
 
 
@@ -219,8 +227,10 @@ def test_torchvision_layout_weights_onnxruntime_equals_eager(tmp_path):
     float32 against eager float64: 4.2 px, scores 8e-4; eager's two float32 paths, folded NHWC against
     NCHW: 0.4 px), so 1e-2 px cannot hold between any two float32 runtimes. What is asserted: the same
     detections one to one (count, labels) as eager float32, and onnxruntime no farther from the float64
-    eager model than eager float32 is (measured: 0.47 px and 1.4e-4 against 4.2 px and 8e-4). The images'
-    short side is 320 (the model's size) so that neither runtime resizes them (an ulp of resampling
+    eager model than eager float32 is (measured: 0.47 px and 1.4e-4 against 4.2 px and 8e-4); and, on the
+    detections float32 moves by at most STABLE_BOX, boxes within BOX_TOL and masks at IoU >= MASK_IOU. No
+    float64 graph can check the rest: onnxruntime's CPU Conv has no float64 kernel (NOT_IMPLEMENTED). The
+    images' short side is 320 (the model's size) so that neither runtime resizes them (an ulp of resampling
     difference reorders its tied proposals; resizing is covered by the tiny models)."""
     from maskrcnn.weights import load_model
     from tests.common import COCO_MINI
@@ -248,6 +258,16 @@ def test_torchvision_layout_weights_onnxruntime_equals_eager(tmp_path):
         assert d_onnx["box"] <= max(d_eager["box"], BOX_TOL), (d_onnx, d_eager)
         assert d_onnx["score"] <= max(d_eager["score"], SCORE_TOL), (d_onnx, d_eager)
         assert d_onnx["mask_iou"] >= min(d_eager["mask_iou"], MASK_IOU), (d_onnx, d_eager)
+        # the asked box tolerance where float32 can meet it: on the detections whose box float32 rounding
+        # moves by at most STABLE_BOX (eager float32 against float64; 20x below BOX_TOL), onnxruntime gives
+        # eager's box within BOX_TOL and its mask (measured: about 16 such detections of 100 per image, at
+        # most 2.9e-3 px). Scores are left to the bound above: their float64 noise does not predict
+        # onnxruntime's (7e-5 measured where float64 moved them by under 5e-6).
+        stable = per_detection(eager, eager64)["box"] <= STABLE_BOX
+        gap = per_detection(eager, onnx)
+        assert stable.sum() >= 5, f"only {int(stable.sum())} detections within {STABLE_BOX} px of float64"
+        assert gap["box"][stable].max() <= BOX_TOL, (gap["box"][stable], BOX_TOL)
+        assert gap["mask_iou"][stable].min() >= MASK_IOU, gap["mask_iou"][stable]
     # these random weights score a blank image highly too (0.99): a blank needs its own threshold
     blank = torch.zeros(3, 320, 400)
     _threshold_above_blank(model, blank)
