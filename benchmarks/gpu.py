@@ -26,7 +26,8 @@ failing part still leaves the others' figures (gpu.md is rewritten after each):
 4. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
    bf16 autocast;
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time and
-   the iteration's wall time against its GPU time.
+   the iteration's wall time against its GPU time;
+6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed.
 
 Times: median (min-max) of --runs, each call bracketed by ``torch.cuda.synchronize()``, after warm-up.
 Writes DIR/gpu.md (machine, command, each part's table) and prints it. ``--device cpu --quick`` runs the
@@ -394,12 +395,39 @@ def part_profile(args, device, tv) -> list[str]:
     return [summary, "", "```", table, "```"]
 
 
+def part_ablate(args, device, tv) -> list[str]:
+    """Issue 11's GPU budget: ``maskrcnn ablate --table 2e --seeds 1`` (the FPN default model and the MLP
+    mask head, 350 iterations each) on the device; the default's 22 runs take about 11x its time."""
+    import json
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="ablate-")
+    cmd = [sys.executable, "-m", "maskrcnn.cli", "ablate", "--table", "2e", "--seeds", "1"]
+    cmd += ["--device", device.type, "--output-dir", out]
+    if args.quick:
+        cmd += ["--iters", "3", "--num-train", "8", "--num-val", "4"]
+    t0 = time.time()
+    proc = _run(cmd, timeout=240)
+    wall = time.time() - t0
+    lines = [f"`{' '.join(['maskrcnn', *cmd[3:]])}`: exit {proc.returncode}, {wall / 60:.2f} min wall"]
+    path = os.path.join(out, "ablations.json")
+    if proc.returncode == 0 and os.path.exists(path):
+        with open(path) as fh:
+            runs = json.load(fh)["runs"]
+        lines += [f"- {r['variant']}: {r['minutes']} min, mask AP {100 * r['segm']['AP']:.1f}" for r in runs]
+        lines.append(f"- the default (22 runs) at this pace: about {11 * wall / 60:.0f} min")
+    else:
+        lines += ["```", *(proc.stdout + proc.stderr).strip().splitlines()[-20:], "```"]
+    return lines
+
+
 PARTS = {
     "tests": part_tests,
     "ops": part_ops,
     "inference": part_inference,
     "train": part_train,
     "profile": part_profile,
+    "ablate": part_ablate,
 }
 
 

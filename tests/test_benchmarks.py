@@ -33,9 +33,10 @@ def test_gpu_script_runs_every_part_small_on_a_cpu(tmp_path):
     out = tmp_path / "gpu"
     assert main(["--out", str(out), "--device", "cpu", "--quick", "--runs", "1"]) == 0
     report = (out / "gpu.md").read_text()
-    for part in ("tests", "ops", "inference", "train", "profile"):
+    for part in ("tests", "ops", "inference", "train", "profile", "ablate"):
         assert f"### {part} (" in report
     assert "| box head 7x7 | forward+backward |" in report and "| 5000 |" in report
     assert "| maskrcnn fp32 |" in report and "ms per iteration (wall)" in report
+    assert "- align-avg: " in report and "- the default (22 runs) at this pace" in report
     assert "Traceback" not in report
     assert main(["--out", str(out), "--device", "cpu", "--parts", "ops,nope"]) == 2
