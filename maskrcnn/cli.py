@@ -220,6 +220,12 @@ def cmd_eval(args) -> int:
             f"the model has {model.config.num_classes} classes (with background) but "
             f"{cfg.data.val_annotations} has {dataset.num_classes}"
         )
+    trained_on = model.metadata.get("category_ids")
+    if trained_on is not None and trained_on != dataset.category_ids:  # labels would name other categories
+        raise ConfigError(
+            f"{args.weights} was trained on category ids {trained_on} but {cfg.data.val_annotations} has"
+            f" {dataset.category_ids}: its labels would be scored as other categories"
+        )
     check_keypoints(model.config, {"val": dataset}, cfg.data.keypoint_oks_sigmas, hint=False)
     metrics = evaluate(
         model,

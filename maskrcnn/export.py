@@ -63,11 +63,20 @@ from maskrcnn.ops.masks import _expand_boxes_to_int, _resize_weights
 from maskrcnn.ops.nms import batched_nms
 from maskrcnn.ops.roi_align import roi_align
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportError", "ExportableMaskRCNN", "export_onnx", "output_names"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "METADATA_KEY",
+    "MIN_OPSET",
+    "ExportError",
+    "ExportableMaskRCNN",
+    "export_onnx",
+    "output_names",
+]
 
 #: ONNX opset used by default, and the lowest that has RoiAlign's coordinate_transformation_mode.
 DEFAULT_OPSET = 17
 MIN_OPSET = 16
+METADATA_KEY = "maskrcnn.metadata"  # ONNX model property: the model's metadata as JSON
 _MAX_NMS_OUTPUT = 1 << 30  # NonMaxSuppression's max_output_boxes_per_class: "all of them"
 
 
@@ -476,7 +485,9 @@ def export_onnx(
     ``size``: ``(H, W)`` of the example image traced (default: the model's test ``min_size`` square).
     The graph takes any ``H x W`` (dynamic axes ``height``, ``width``); outputs as in the module docstring.
     ``opset`` must be >= 16 (RoiAlign's ``coordinate_transformation_mode``). The model is used on the CPU in
-    eval mode, float32; it is not modified (its mode and device are restored).
+    eval mode, float32; it is not modified (its mode and device are restored). The model's ``metadata``
+    (class names, category ids, keypoint names, skeleton), when it has any, is stored as JSON under the
+    ONNX model property ``maskrcnn.metadata`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``).
     """
     if importlib.util.find_spec("onnx") is None:
         raise ExportError(
@@ -520,4 +531,13 @@ def export_onnx(
             )
     finally:
         model.to(device).train(was_training)
+    metadata = getattr(model, "metadata", None)
+    if metadata:  # the class names and category ids travel with the graph, as with the checkpoint
+        import json
+
+        import onnx
+
+        graph = onnx.load(os.fspath(path))
+        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(metadata)})
+        onnx.save(graph, os.fspath(path))
     return os.fspath(path)

@@ -1,10 +1,12 @@
 """Loading and saving weights: this project's checkpoints and torchvision's Mask / Keypoint R-CNN checkpoints.
 
 A project checkpoint is a dict ``{"format": "maskrcnn", "version": 1, "config": <ModelConfig as a dict>,
-"model": <state_dict>, ...}`` (training adds optimizer state and the like). A bare state dict (what
-``torch.save(model.state_dict(), path)`` writes, ours or torchvision's) carries no config: one whose keys
-and shapes are exactly torchvision's ``maskrcnn_resnet50_fpn`` (any number of classes, with or without the
-mask branch) loads as the ``tv-R-50-FPN`` configuration, one of ``keypointrcnn_resnet50_fpn`` as
+"model": <state_dict>, "metadata": {...}, ...}`` (training adds optimizer state and the like; ``metadata``
+is the model's :attr:`MaskRCNN.metadata`, the training data's class names, category ids, keypoint names
+and skeleton, checked on loading by :func:`check_metadata`; older checkpoints have none). A bare state
+dict (what ``torch.save(model.state_dict(), path)`` writes, ours or torchvision's) carries no config: one
+whose keys and shapes are exactly torchvision's ``maskrcnn_resnet50_fpn`` (any number of classes, with or
+without the mask branch) loads as the ``tv-R-50-FPN`` configuration, one of ``keypointrcnn_resnet50_fpn`` as
 ``tv-keypoint-R-50-FPN``; any other needs the config it was made with, as
 torchvision needs the model built before ``load_state_dict``. Files are read with
 ``torch.load(..., weights_only=True)``; a file that is not a checkpoint, or one that does not fit the model,
@@ -28,6 +30,7 @@ __all__ = [
     "load_model",
     "save_checkpoint",
     "read_checkpoint",
+    "check_metadata",
     "load_state_dict_strict",
     "torchvision_to_maskrcnn",
     "maskrcnn_to_torchvision",
@@ -154,8 +157,54 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return data
 
 
+def check_metadata(metadata, config: ModelConfig, *, source: str = "metadata") -> dict:
+    """``metadata`` (``MaskRCNN.metadata``) checked against the model's ``config``; returns a plain copy.
+
+    ``class_names``: ``num_classes`` strings, ``[0]`` the background; ``category_ids``: ``num_classes - 1``
+    distinct ints (label ``i`` is category ``category_ids[i - 1]``); ``keypoint_names``: ``num_keypoints``
+    strings; ``skeleton``: ``[i, j]`` pairs of 1-based keypoint indices. Each is optional; anything else
+    raises :class:`CheckpointError` naming the entry."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{source}: 'metadata' must be a dict, got {type(metadata).__name__}")
+    k = config.roi_heads.num_keypoints if config.roi_heads.keypoint else 0
+    checks = {
+        "class_names": (str, config.num_classes, f"{config.num_classes} names (model.num_classes)"),
+        "category_ids": (int, config.num_classes - 1, f"{config.num_classes - 1} distinct ints"),
+        "keypoint_names": (str, k, f"{k} names (model.roi_heads.num_keypoints)"),
+    }
+    out = {}
+    for key, value in metadata.items():
+        if key == "skeleton":
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(p, (list, tuple))
+                and len(p) == 2
+                and all(type(i) is int and 1 <= i <= k for i in p)
+                for p in value
+            )
+            expected = f"[i, j] pairs of keypoint indices in 1 .. {k}"
+            out[key] = [list(p) for p in value] if ok else None
+        elif key in checks:
+            kind, n, expected = checks[key]
+            ok = (
+                isinstance(value, (list, tuple))
+                and len(value) == n
+                and all(type(v) is kind for v in value)
+                and (key != "category_ids" or len(set(value)) == n)
+            )
+            out[key] = list(value) if ok else None
+        else:
+            raise CheckpointError(f"{source}: unknown metadata entry {key!r}")
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise CheckpointError(f"{source}: metadata.{key}={shown}: expected {expected}")
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
-    """Write a project checkpoint atomically (temporary file, then rename). ``extra`` items are stored too."""
+    """Write a project checkpoint atomically (temporary file, then rename), with the model's config and
+    ``metadata`` (when it has any). ``extra`` items are stored too."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ValueError("the model has no .config; build it with maskrcnn.build_model")
@@ -166,6 +215,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
         "model": model.state_dict(),
         **extra,
     }
+    metadata = getattr(model, "metadata", None)
+    if metadata:
+        data["metadata"] = check_metadata(metadata, cfg)
     path = os.fspath(path)
     with atomic_write(path, "wb") as fh:  # a reader sees the old file or the complete new one
         torch.save(data, fh)
@@ -188,7 +240,8 @@ def load_model(
     """A model in eval mode with ``weights`` loaded (a file or an already loaded dict).
 
     * a project checkpoint (:func:`save_checkpoint`, training's ``model_*.pt``): its stored config is used;
-      ``config`` replaces it.
+      ``config`` replaces it. Its metadata (class names, category ids, keypoint names, skeleton) becomes
+      ``model.metadata``; other weights give an empty one.
     * a bare state dict (``torch.save(model.state_dict(), path)``): it carries no config. As with
       torchvision, where the model is built before ``load_state_dict``, pass the config it was made with:
       ``config`` (or ``default_config``, which is used for bare state dicts only; the command line passes
@@ -226,6 +279,7 @@ def load_model(
                 raise CheckpointError(f"{source}: the stored config is not valid here: {e}") from None
         model = build_model(config)
         load_state_dict_strict(model, data["model"], source=source)
+        model.metadata = check_metadata(data.get("metadata"), config, source=source)
         return model.to(device).eval()
     if not _is_state_dict(data) or "backbone.body.conv1.weight" not in data:
         raise CheckpointError(

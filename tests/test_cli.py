@@ -490,3 +490,56 @@ def test_predict_eval_and_serve_take_precision(tmp_path, capsys, caplog, checkpo
     assert native or f"precision bf16: {why}; staying float32" in caplog.text
     for command in ("predict", "eval", "serve"):
         assert "--precision {fp32,bf16,fp16}" in build_help(command)
+
+
+def _renumbered(annotations: str, out: Path, ids: dict[int, int]) -> str:
+    """A copy of a COCO file with its category ids renumbered by ``ids`` (names kept)."""
+    data = json.loads(Path(annotations).read_text())
+    for c in data["categories"]:
+        c["id"] = ids[c["id"]]
+    for a in data["annotations"]:
+        a["category_id"] = ids[a["category_id"]]
+    out.write_text(json.dumps(data))
+    return str(out)
+
+
+def test_checkpoints_name_the_classes_and_keep_the_datas_category_ids(shapes, tmp_path, capsys):
+    """Trained on categories 7, 3, 12 (not 1..K): predict and serve give those ids and the names without
+    --classes; eval on data numbered otherwise is refused instead of scoring labels as other classes."""
+    from maskrcnn.serve.app import Predictor
+    from maskrcnn.weights import load_model
+
+    ids = {1: 7, 5: 3, 9: 12}  # circle, square, triangle (the shapes data numbers them 1, 5, 9)
+    train_ann = _renumbered(shapes["train_annotations"], tmp_path / "train.json", ids)
+    val_ann = _renumbered(shapes["val_annotations"], tmp_path / "val.json", ids)
+    out = tmp_path / "run"
+    data = [f"data.train_images={shapes['train_images']}", f"data.train_annotations={train_ann}"]
+    assert main(["train", "--config", "R-18-FPN-small", "--output-dir", str(out), *TINY, *data]) == 0
+    weights = str(out / "model_final.pt")
+    meta = load_model(weights).metadata
+    # labels follow the sorted category ids: 3 (square), 7 (circle), 12 (triangle)
+    assert meta == {"class_names": ["background", "square", "circle", "triangle"], "category_ids": [3, 7, 12]}
+
+    pred = tmp_path / "pred"
+    args = ["predict", "--weights", weights, shapes["val_images"], "--output-dir", str(pred)]
+    assert main([*args, "--score-threshold", "0", "--device", "cpu"]) == 0
+    entries = json.loads((pred / "predictions.json").read_text())
+    assert entries and {e["category_id"] for e in entries} <= {3, 7, 12}
+    names = dict(zip(meta["category_ids"], meta["class_names"][1:]))
+    assert all(e["category_name"] == names[e["category_id"]] for e in entries)
+
+    predictor = Predictor(load_model(weights), score_threshold=0.0)
+    image = next(Path(shapes["val_images"]).iterdir())
+    found = predictor.predict(image.read_bytes(), file_name=image.name)["detections"]
+    assert found and all(names[d["category_id"]] == d["category_name"] for d in found)
+    assert predictor.info()["class_names"] == meta["class_names"]
+
+    other = ["data.val_images=" + shapes["val_images"], "data.val_annotations=" + shapes["val_annotations"]]
+    eval_args = ["eval", "--weights", weights, "--output-dir", str(tmp_path / "eval"), "device=cpu", *other]
+    assert main(eval_args) == 2
+    err = _error(capsys)
+    assert "was trained on category ids [3, 7, 12]" in err and "has [1, 5, 9]" in err
+    ok = ["data.val_images=" + shapes["val_images"], f"data.val_annotations={val_ann}"]
+    assert (
+        main(["eval", "--weights", weights, "--output-dir", str(tmp_path / "eval2"), "device=cpu", *ok]) == 0
+    )

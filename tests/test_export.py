@@ -11,6 +11,7 @@ score on the blank image before export; the other images must still give detecti
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -292,7 +293,9 @@ def test_cli_export(trained, tmp_path, capsys):
     from maskrcnn.weights import save_checkpoint
 
     weights, out = tmp_path / "model.pt", tmp_path / "model.onnx"
-    save_checkpoint(weights, trained)
+    named = copy.deepcopy(trained)
+    named.metadata = {"class_names": ["background", "red", "green"], "category_ids": [4, 8]}
+    save_checkpoint(weights, named)
 
     def export(*args, weights=str(weights)):
         return main(["export", "--weights", weights, *args])
@@ -303,6 +306,9 @@ def test_cli_export(trained, tmp_path, capsys):
     with torch.no_grad():
         eager = trained([image])[0]
     assert_same_detections(eager, _run(_session(out), image), (64, 80))
+    # the checkpoint's class names and category ids travel in the graph's properties
+    props = _session(out).get_modelmeta().custom_metadata_map
+    assert json.loads(props["maskrcnn.metadata"]) == named.metadata
 
     before = out.stat().st_mtime_ns
     assert export("--output", str(out)) == 2  # exists

@@ -74,6 +74,15 @@ def test_train_eval_predict(figures, tmp_path, capsys):
     assert "keypoints" in printed and "AR50" in printed  # the keypoint metrics table
     final = json.loads((out / "eval_final" / "metrics.json").read_text())
     assert set(final) == {"bbox", "keypoints"} and 0 <= final["keypoints"]["AP"] <= 1
+    # the checkpoint keeps the data's keypoint names and skeleton (predict and serve draw with them)
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.weights import load_model
+
+    train_set = CocoDataset(image_dir=figures["train_images"], annotation_file=figures["train_annotations"])
+    meta = load_model(str(out / "model_final.pt")).metadata
+    assert meta["keypoint_names"] == list(train_set.keypoint_names) and len(meta["keypoint_names"]) == 17
+    assert meta["skeleton"] == [list(p) for p in train_set.skeleton] and meta["skeleton"]
+    assert meta["category_ids"] == train_set.category_ids
 
     eval_dir = tmp_path / "eval"
     data = [f"data.val_images={figures['val_images']}", f"data.val_annotations={figures['val_annotations']}"]

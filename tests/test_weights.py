@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
+from maskrcnn.config import config_to_dict
 from maskrcnn.modeling.build import build_model
 from maskrcnn.weights import (
     CheckpointError,
+    check_metadata,
     load_model,
     maskrcnn_to_torchvision,
     read_checkpoint,
@@ -33,6 +35,50 @@ def test_project_checkpoint_round_trip(tmp_path, model):
     save_checkpoint(path, model)
     loaded = load_model(str(path))
     assert loaded.config == model.config and _same_weights(loaded, model) and not loaded.training
+
+
+META = {"class_names": ["background", "cat", "dog", "bird"], "category_ids": [3, 17, 5]}
+
+
+def test_checkpoints_carry_the_training_datas_names_and_category_ids(tmp_path, model):
+    assert load_model(model.state_dict(), model.config).metadata == {}  # nothing recorded: nothing guessed
+    named = copy.deepcopy(model)
+    named.metadata = dict(META)
+    save_checkpoint(tmp_path / "named.pt", named)
+    assert load_model(str(tmp_path / "named.pt")).metadata == META
+    save_checkpoint(tmp_path / "plain.pt", model)  # a model without metadata: none stored
+    assert "metadata" not in torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert load_model(str(tmp_path / "plain.pt")).metadata == {}
+
+
+@pytest.mark.parametrize(
+    "metadata, named",
+    [
+        (
+            {"class_names": ["background", "cat"]},
+            "metadata.class_names=['background', 'cat']: expected 4 names",
+        ),
+        ({"category_ids": [1, 1, 2]}, "metadata.category_ids=[1, 1, 2]: expected 3 distinct ints"),
+        ({"category_ids": ["1", "2", "3"]}, "metadata.category_ids"),
+        ({"keypoint_names": ["nose"]}, "metadata.keypoint_names=['nose']: expected 0 names"),
+        (
+            {"skeleton": [[1, 2]]},
+            "metadata.skeleton=[[1, 2]]: expected [i, j] pairs of keypoint indices in 1 .. 0",
+        ),
+        ({"colours": []}, "unknown metadata entry 'colours'"),
+        ([1, 2], "'metadata' must be a dict"),
+    ],
+)
+def test_bad_metadata_is_refused_naming_the_entry(tmp_path, model, metadata, named):
+    with pytest.raises(CheckpointError, match="^x.pt: ") as err:
+        check_metadata(metadata, model.config, source="x.pt")
+    assert named in str(err.value)
+    data = {"format": "maskrcnn", "version": 1, "config": config_to_dict(model.config)}
+    data.update(model=model.state_dict(), metadata=metadata)
+    torch.save(data, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt: ") as err:
+        load_model(str(tmp_path / "bad.pt"))
+    assert named in str(err.value)
 
 
 def test_bare_state_dict_of_our_model_says_how_to_load_it(tmp_path, model):

@@ -499,6 +499,16 @@ class CocoDataset(torch.utils.data.Dataset):
         """The COCO image record (``id``, ``file_name``, ``height``, ``width``, ...) of ``dataset[index]``."""
         return self.coco.imgs[self.image_ids[index]]
 
+    def metadata(self) -> dict:
+        """What a model trained on this data keeps about its labels (``MaskRCNN.metadata``, saved in its
+        checkpoints): ``class_names``, ``category_ids`` and, with keypoints, ``keypoint_names`` and
+        ``skeleton``."""
+        meta = {"class_names": list(self.class_names), "category_ids": list(self.category_ids)}
+        if self.keypoint_names:
+            meta["keypoint_names"] = list(self.keypoint_names)
+            meta["skeleton"] = [list(pair) for pair in self.skeleton]
+        return meta
+
     def label_to_category_id(self, label: int) -> int:
         """Contiguous label (1 .. num_classes - 1) -> dataset category id."""
         label = int(label)

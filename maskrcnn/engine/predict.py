@@ -5,9 +5,10 @@ whole input file name, ``<output_dir>/<name>.png`` (``good.jpg`` -> ``good.jpg.p
 ``good.png`` do not collide); when the inputs come from several folders, their folders below the deepest
 common one are mirrored (``a/im.jpg``, ``b/im.jpg`` -> ``a/im.jpg.png``, ``b/im.jpg.png``). For the whole
 run it writes ``<output_dir>/predictions.json``: a JSON list of COCO results entries (``image_id`` is the
-image's index in ``paths``; ``category_id`` is the model's label, or the dataset category id when
-``label_to_category_id`` is given; ``segmentation`` is a compressed RLE at mask threshold 0.5) with two
-extra fields, ``file_name`` (the input path) and, when ``class_names`` is given, ``category_name``. A
+image's index in ``paths``; ``category_id`` is the dataset category id when ``label_to_category_id`` is
+given or the model's checkpoint recorded its training data's (``model.metadata``), else the model's
+label; ``segmentation`` is a compressed RLE at mask threshold 0.5) with two extra fields, ``file_name``
+(the input path) and, when class names are given or recorded, ``category_name``. A
 keypoint model's entries hold ``keypoints`` (COCO's flat ``[x, y, 1] * K``), and its drawings show the
 keypoints and the ``skeleton`` (COCO's person skeleton for 17 keypoints unless another is given).
 
@@ -172,8 +173,12 @@ def predict(
 
     Keypoints (a model that outputs ``keypoints``) are drawn where their ``keypoints_scores`` exceed
     ``keypoint_threshold``, joined by ``skeleton`` (1-based pairs, e.g. a ``CocoDataset``'s ``skeleton``;
-    ``None``: COCO's person skeleton when there are 17 keypoints, no lines otherwise). Checkpoints carry
-    no keypoint names or skeleton (nor class names), so they come from the caller.
+    ``None``: COCO's person skeleton when there are 17 keypoints, no lines otherwise).
+
+    ``class_names``, ``label_to_category_id`` and ``skeleton`` default to what the model's checkpoint
+    recorded of its training data (``model.metadata``: the dataset's names, its category ids, so that
+    ``category_id`` is the dataset's and not the contiguous label, and its skeleton); a model without
+    metadata (torchvision's weights, older checkpoints) gives labels as category ids and no names.
     """
     if isinstance(paths, str):
         paths = list_images(paths)
@@ -182,6 +187,13 @@ def predict(
     if device is not None:
         model.to(device)
     device = _model_device(model)
+    meta = getattr(model, "metadata", None) or {}
+    if class_names is None:
+        class_names = meta.get("class_names")
+    if label_to_category_id is None and meta.get("category_ids"):
+        label_to_category_id = {i + 1: cid for i, cid in enumerate(meta["category_ids"])}
+    if skeleton is None:
+        skeleton = meta.get("skeleton")
     to_category = label_to_category_id if label_to_category_id is not None else int
     was_training = model.training
     model.eval()

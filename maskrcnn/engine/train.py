@@ -63,6 +63,7 @@ from maskrcnn.engine.schedule import build_scheduler
 from maskrcnn.progress import Progress
 from maskrcnn.weights import (
     CheckpointError,
+    check_metadata,
     is_torchvision_maskrcnn,
     load_state_dict_strict,
     read_checkpoint,
@@ -160,6 +161,9 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
                 load_backbone_weights(model, cfg.init_backbone)
             if cfg.init_weights:
                 load_init_weights(model, cfg.init_weights)
+    describe = getattr(dataset, "metadata", None)
+    if callable(describe):  # the labels' names and category ids travel with the checkpoints
+        model.metadata = check_metadata(describe(), cfg.model, source=cfg.data.train_annotations or "dataset")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(

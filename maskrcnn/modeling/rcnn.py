@@ -40,6 +40,10 @@ class MaskRCNN(nn.Module):
         self.rpn_features = tuple(rpn_features)
         self.roi_features = tuple(roi_features)
         self.config = config  # the ModelConfig this model was built from (saved in checkpoints)
+        # what the training data said about the labels (saved in checkpoints; empty when unknown):
+        # class_names ([0] the background), category_ids (label i is category_ids[i - 1]), and for keypoint
+        # data keypoint_names and skeleton (1-based pairs). See maskrcnn.weights.check_metadata
+        self.metadata: dict = {}
         self.precision = "fp32"  # see set_precision
         self.set_fast_inference(True)
 

@@ -14,7 +14,8 @@ Endpoints:
       {"file_name": ..., "width": W, "height": H, "score_threshold": t,
        "inference_ms": ..., "total_ms": ..., "detections": [COCO results entries]}
 
-  Each detection is a COCO results entry, ``image_id`` 0: ``category_id`` (the model's label),
+  Each detection is a COCO results entry, ``image_id`` 0: ``category_id`` (the training data's category
+  id where the checkpoint recorded them, else the model's label),
   ``category_name``, ``bbox`` ``[x, y, w, h]`` (pixels of the upright image), ``score``, ``segmentation``
   (compressed RLE of mask >= 0.5, ``counts`` a string) for mask models, ``keypoints`` (COCO's flat
   ``[x, y, 1] * K``) and ``keypoint_scores`` (``K``) for keypoint models, and ``file_name``; as in
@@ -101,8 +102,10 @@ class Predictor:
     """One model behind a lock: image bytes in, COCO results entries out (see the module docstring).
 
     ``class_names[label]`` names label ``label`` (``class_names[0]`` is the background), else the label's
-    number is its name. Keypoint models with COCO's 17 keypoints get COCO's person names and skeleton
-    (checkpoints carry neither); ``skeleton`` (1-based pairs) overrides it.
+    number is its name. Names, category ids, keypoint names and skeleton default to the model's
+    ``metadata`` (what its checkpoint recorded of the training data); without it, labels are the category
+    ids and keypoint models with COCO's 17 keypoints get COCO's person names and skeleton. ``class_names``
+    and ``skeleton`` (1-based pairs) override them.
     """
 
     def __init__(
@@ -116,7 +119,12 @@ class Predictor:
     ):
         self.model = model.eval()
         self.device = _model_device(model)
+        meta = getattr(model, "metadata", None) or {}
+        if class_names is None:
+            class_names = meta.get("class_names")
         self.class_names = list(class_names) if class_names is not None else None
+        ids = meta.get("category_ids")
+        self.to_category = {i + 1: int(c) for i, c in enumerate(ids)} if ids else int
         self.max_pixels = int(max_pixels)
         self.score_threshold = float(score_threshold)
         config = getattr(model, "config", None)
@@ -125,9 +133,11 @@ class Predictor:
         self.has_masks = bool(getattr(heads, "mask", True))
         self.num_keypoints = int(heads.num_keypoints) if getattr(heads, "keypoint", False) else 0
         coco_person = self.num_keypoints == len(COCO_PERSON_KEYPOINT_NAMES)
-        self.keypoint_names = list(COCO_PERSON_KEYPOINT_NAMES) if coco_person else None
+        self.keypoint_names = meta.get("keypoint_names") or (
+            list(COCO_PERSON_KEYPOINT_NAMES) if coco_person else None
+        )
         if skeleton is None:
-            skeleton = COCO_PERSON_SKELETON if coco_person else ()
+            skeleton = meta.get("skeleton", COCO_PERSON_SKELETON if coco_person else ())
         self.skeleton = [[int(a), int(b)] for a, b in skeleton]
         self._lock = threading.Lock()
 
@@ -206,7 +216,7 @@ class Predictor:
             inference_ms = 1000 * (time.perf_counter() - began)
             keep = out["scores"] >= threshold
             out = {k: v[keep] for k, v in out.items()}
-            detections = detections_to_coco([out], [0], label_to_category_id=int)
+            detections = detections_to_coco([out], [0], label_to_category_id=self.to_category)
             kp_scores = out["keypoints_scores"].float().cpu().tolist() if "keypoints_scores" in out else None
             for i, (entry, label) in enumerate(zip(detections, out["labels"].tolist())):
                 entry["category_name"] = self.class_name(label)
