@@ -11,20 +11,21 @@ the wheels its Python lacks (pycocotools) into ``.gpu/`` (git-ignored); then one
     PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 timeout 520 python3 benchmarks/gpu.py --out $OUT \
         --images .gpu/images
 
-and copy $OUT/gpu.md into benchmarks/RESULTS.md. The parts, in this order, each on its own so that one
-failing part still leaves the others' figures (gpu.md is rewritten after each):
+and copy $OUT/gpu.md into benchmarks/RESULTS.md. The parts, in this order (what a short lease must bring back
+first), each on its own so that one failing part still leaves the others' figures (gpu.md is rewritten
+after each):
 
 1. ``tests``: the ``gpu`` tests (``pytest -m gpu``), their summary line;
-2. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
-   forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
-   NMS keeps the same boxes as torchvision's or the script says so;
-3. ``inference``: R-50-FPN at 800 px with tests/tv_parity.py's seeded weights in both (torchvision's
+2. ``inference``: R-50-FPN at 800 px with tests/tv_parity.py's seeded weights in both (torchvision's
    layout for torchvision): latency at batch 1 and throughput at batch 8 in float32, bf16 and fp16 (ours:
    ``set_precision``; torchvision: ``torch.autocast`` around the whole forward), peak GPU memory, the
    host-device synchronisations of one batch-1 call (``torch.cuda.set_sync_debug_mode``), and ours against
    torchvision's detections in float32 (count, labels, largest box and score difference);
-4. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
+3. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
    bf16 autocast;
+4. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
+   forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
+   NMS keeps the same boxes as torchvision's or the script says so;
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time and
    the iteration's wall time against its GPU time;
 6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed.
@@ -128,7 +129,7 @@ def part_tests(args, device, tv) -> list[str]:
                 if "pytest.mark.gpu" in fh.read():
                     files.append(os.path.join(tests, name))
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files]
-    proc = _run(cmd, timeout=240)
+    proc = _run(cmd, timeout=180)
     tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     lines = [f"`{' '.join(['pytest', *cmd[3:6], 'tests/...'])}`: {tail} (exit {proc.returncode})"]
     if proc.returncode not in (0, 5):
@@ -302,10 +303,8 @@ def part_inference(args, device, tv) -> list[str]:
             variants[f"torchvision {prec}"] = (base["torchvision"], dtype)
 
     def call(model, dtype, ims):
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-        ):
+        cast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.no_grad(), cast:
             return model(ims)
 
     lines = [
@@ -421,11 +420,11 @@ def part_ablate(args, device, tv) -> list[str]:
     return lines
 
 
-PARTS = {
+PARTS = {  # in order of what a short lease must bring back first
     "tests": part_tests,
-    "ops": part_ops,
     "inference": part_inference,
     "train": part_train,
+    "ops": part_ops,
     "profile": part_profile,
     "ablate": part_ablate,
 }

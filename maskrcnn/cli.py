@@ -115,7 +115,11 @@ def _add_precision_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_classes_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classes", help="class names: a comma-separated list or a file with one name per line")
+    p.add_argument(
+        "--classes",
+        help="class names: a comma-separated list or a file with one name per line (default: the names our"
+        " checkpoints keep from their training data; none for torchvision's weights)",
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "R-50-FPN") -> None:
