@@ -109,6 +109,22 @@ def test_roi_pool_matches_naive_reference():
     torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=0)
 
 
+def test_roi_pool_ties_go_to_the_first_cell_and_empty_bins_are_zero():
+    """torchvision's rules: among equal maxima the first cell in row-major order takes the gradient; a bin
+    wholly outside the map is 0 and takes none."""
+    x = torch.zeros(1, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(roi_pool(x, torch.tensor([[0, 0, 0, 5.0, 5.0]]), 3, 1.0).sum(), x)
+    expected = torch.zeros(6, 6, dtype=torch.float64)
+    expected[0::2, 0::2] = 1  # bins of 2 x 2 cells: each one's top-left cell
+    torch.testing.assert_close(grad[0, 0], expected, rtol=0, atol=0)
+
+    y = (torch.arange(36, dtype=torch.float64).view(1, 1, 6, 6) + 1).requires_grad_()
+    out = roi_pool(y, torch.tensor([[0, 4.0, 4.0, 11.0, 11.0]]), 2, 1.0)  # 8 x 8 cells from (4, 4)
+    assert out[0, 0, 0, 0] == y[0, 0, 5, 5] and out[0, 0, 1, 1] == 0 and out[0, 0, 0, 1] == 0
+    (grad,) = torch.autograd.grad(out.sum(), y)
+    assert grad.sum() == 1 and grad[0, 0, 5, 5] == 1
+
+
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_roi_warp_is_align_on_quantized_box(mode):
     g = torch.Generator().manual_seed(5)

@@ -357,26 +357,40 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
+def _max_over_slots(feats: Tensor, index: Tensor, inside: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
+    """Per bin (row of ``index``/``inside`` ``[B, S]``) and channel: the maximum over the bin's cells and
+    the first cell (in slot order) holding it; ``num_cells`` (no cell) and 0 for a bin with no cell.
+
+    Runs over the ``S`` slots with ``[B, C]`` buffers only: a running ``maximum`` and the slot of the first
+    strict maximum. Slots outside a bin read the bin's first cell, which changes neither."""
+    b, s = index.shape
+    idx = torch.where(inside, index, index[:, :1])
+    best = feats.index_select(0, idx[:, 0])
+    slot = torch.zeros(best.shape, dtype=torch.int16 if s <= 32767 else torch.int64, device=feats.device)
+    for j in range(1, s):
+        value = feats.index_select(0, idx[:, j])
+        slot.masked_fill_(value > best, j)
+        torch.maximum(best, value, out=best)
+    empty = ~inside.any(dim=1, keepdim=True)
+    arg = torch.gather(idx, 1, slot.long()).masked_fill_(empty, num_cells)
+    return best.masked_fill_(empty, 0.0), arg
+
+
 class _RoIPoolFunction(torch.autograd.Function):
-    """Max over integer cell ranges; backward routes each gradient to its argmax cell."""
+    """Max over integer cell ranges; backward routes each gradient to its argmax cell (torchvision's tie
+    rule: the first cell in row-major order of the bin). ``groups``: ``(bins, index, inside)`` per group of
+    bins padded to the group's own largest bin (``bins`` their rows in the output)."""
 
     @staticmethod
-    def forward(ctx, feats: Tensor, index: Tensor, inside: Tensor, num_cells: int):
-        # feats [N*H*W, C]; index/inside [B, S] (cells of each bin, S = padded bin area)
-        b, s = index.shape
-        c = feats.shape[1]
-        out = feats.new_zeros(b, c)
-        arg = torch.full((b, c), -1, dtype=torch.int64, device=feats.device)
-        chunk = max(1, (1 << 24) // max(1, s * c))  # bound the gathered block to ~16M values
-        for start in range(0, b, chunk):
-            idx = index[start : start + chunk]
-            vals = feats[idx.reshape(-1)].view(idx.shape[0], s, c)
-            vals = vals.masked_fill(~inside[start : start + chunk, :, None], -math.inf)
-            best, pos = vals.max(dim=1)
-            empty = ~inside[start : start + chunk].any(dim=1, keepdim=True)
-            out[start : start + chunk] = best.masked_fill(empty, 0.0)
-            cell = torch.gather(idx, 1, pos)
-            arg[start : start + chunk] = cell.masked_fill(empty, -1)
+    def forward(ctx, feats: Tensor, groups: list, num_bins: int, num_cells: int):
+        # feats [N*H*W, C]; per group: bins [G], index/inside [G, S] (cells of each bin, S = padded area)
+        if len(groups) == 1:  # all bins, in order
+            out, arg = _max_over_slots(feats, groups[0][1], groups[0][2], num_cells)
+        else:
+            out = feats.new_empty(num_bins, feats.shape[1])
+            arg = torch.empty(out.shape, dtype=torch.int64, device=feats.device)
+            for bins, index, inside in groups:
+                out[bins], arg[bins] = _max_over_slots(feats, index, inside, num_cells)
         ctx.save_for_backward(arg)
         ctx.num_cells = num_cells
         return out
@@ -384,13 +398,9 @@ class _RoIPoolFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (arg,) = ctx.saved_tensors
-        c = grad_out.shape[1]
-        grad = grad_out.new_zeros(ctx.num_cells * c)
-        valid = arg >= 0
-        channel = torch.arange(c, device=arg.device).expand_as(arg)
-        flat = (arg * c + channel)[valid]
-        grad.index_add_(0, flat, grad_out[valid])
-        return grad.view(ctx.num_cells, c), None, None, None
+        grad = grad_out.new_zeros(ctx.num_cells + 1, grad_out.shape[1])  # + a row for the empty bins
+        grad.scatter_add_(0, arg, grad_out)  # grad[arg[b, c], c] += grad_out[b, c]
+        return grad[:-1], None, None, None
 
 
 def roi_pool(
@@ -429,16 +439,24 @@ def roi_pool(
 
         ylo, yhi = ranges(y1, rh, oh, h)
         xlo, xhi = ranges(x1, rw, ow, w)
-        sy = max(int((yhi - ylo).max().item()), 1)
-        sx = max(int((xhi - xlo).max().item()), 1)
-        ys = ylo[:, :, None] + torch.arange(sy, device=x.device)  # [K, oh, sy]
-        xs = xlo[:, :, None] + torch.arange(sx, device=x.device)  # [K, ow, sx]
-        inside = (ys < yhi[:, :, None])[:, :, None, :, None] & (xs < xhi[:, :, None])[:, None, :, None, :]
-        base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (h * w)
-        index = base + ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
-        index = index.reshape(k * oh * ow, sy * sx)
-        inside = inside.reshape(k * oh * ow, sy * sx)
-    out = _RoIPoolFunction.apply(feats, index, inside, n * h * w)
+        # RoIs grouped by their largest bin (powers of two of its area), each group padded to its own: one
+        # large RoI must not pad every bin of the small ones
+        span_y, span_x = (yhi - ylo).amax(1).clamp(min=1), (xhi - xlo).amax(1).clamp(min=1)
+        group_of = torch.log2((span_y * span_x).double()).ceil().long()
+        groups = []
+        for g in torch.unique(group_of).tolist():
+            r = torch.nonzero(group_of == g).flatten()
+            sy, sx = int(span_y[r].max().item()), int(span_x[r].max().item())
+            ys = ylo[r, :, None] + torch.arange(sy, device=x.device)  # [R, oh, sy]
+            xs = xlo[r, :, None] + torch.arange(sx, device=x.device)  # [R, ow, sx]
+            inside = (ys < yhi[r, :, None])[:, :, None, :, None] & (xs < xhi[r, :, None])[:, None, :, None, :]
+            base = rois[r, 0].long().view(-1, 1, 1, 1, 1) * (h * w)
+            index = (
+                base + ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
+            )
+            bins = (r[:, None] * (oh * ow) + torch.arange(oh * ow, device=x.device)).reshape(-1)
+            groups.append((bins, index.reshape(-1, sy * sx), inside.reshape(-1, sy * sx)))
+    out = _RoIPoolFunction.apply(feats, groups, k * oh * ow, n * h * w)
     return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
 
 
