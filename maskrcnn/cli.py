@@ -203,7 +203,6 @@ def cmd_eval(args) -> int:
     from maskrcnn.data.coco import CocoDataset
     from maskrcnn.engine.evaluate import evaluate, format_metrics_table
     from maskrcnn.engine.train import check_keypoints
-    from maskrcnn.weights import load_model
 
     cfg = _resolve_config(args)
     if not (cfg.data.val_images and cfg.data.val_annotations):
@@ -212,8 +211,7 @@ def cmd_eval(args) -> int:
     _check_writable(out)
     device = _device(cfg.device)
     # --config is the model config of a bare state dict; a checkpoint's own config is kept
-    model = load_model(args.weights, device=str(device), default_config=cfg.model if args.config else None)
-    model.set_precision(args.precision)
+    model = _inference_model(args, device, cfg.model if args.config else None)
     dataset = CocoDataset(
         image_dir=cfg.data.val_images,
         annotation_file=cfg.data.val_annotations,
@@ -245,15 +243,12 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from maskrcnn.engine.predict import check_output_dir, list_images, predict
-    from maskrcnn.weights import load_model
 
     paths = list_images(args.images)
     check_output_dir(paths, args.output_dir, overwrite=args.overwrite)  # before the model: nothing lost
     _check_writable(args.output_dir)
     device = _device(args.device or "auto")
-    model_cfg = _load_config(args.config).model if args.config else None
-    model = load_model(args.weights, device=str(device), default_config=model_cfg)
-    model.set_precision(args.precision)
+    model = _inference_model(args, device, _load_config(args.config).model if args.config else None)
     results = predict(
         model,
         paths,
@@ -290,16 +285,13 @@ def cmd_serve(args) -> int:
         return 2
     from maskrcnn.config import ConfigError
     from maskrcnn.serve import serve
-    from maskrcnn.weights import load_model
 
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ConfigError(f"--score-threshold {args.score_threshold}: expected a number in [0, 1]")
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ConfigError("--max-upload-mb and --max-pixels must be positive")
     device = _device(args.device or "auto")
-    model_cfg = _load_config(args.config).model if args.config else None
-    model = load_model(args.weights, device=str(device), default_config=model_cfg)
-    model.set_precision(args.precision)
+    model = _inference_model(args, device, _load_config(args.config).model if args.config else None)
     serve(
         model,
         host=args.host,
@@ -310,6 +302,16 @@ def cmd_serve(args) -> int:
         max_pixels=args.max_pixels,
     )
     return 0
+
+
+def _inference_model(args, device, model_config):
+    """``--weights`` on ``device`` in eval mode and ``--precision``; ``model_config``: the config of a bare
+    state dict (a checkpoint keeps its own)."""
+    from maskrcnn.weights import load_model
+
+    return load_model(args.weights, device=str(device), default_config=model_config).set_precision(
+        args.precision
+    )
 
 
 def _class_names(args):

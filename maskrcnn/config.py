@@ -147,6 +147,9 @@ class DataConfig:
     filter_empty: bool = True  # drop training images that have no (non-crowd) annotation
     skip_bad_records: bool = False  # False: stop before training on the first broken record (listing all)
     horizontal_flip: float = 0.5  # probability, training only
+    # training images with fewer labelled keypoints in all are dropped (0: keep all; torchvision's keypoint
+    # reference uses 10, detectron2 1); only for data that declares keypoints
+    min_keypoints_per_image: int = 0
     num_workers: int = 2
     # OKS sigmas of keypoint evaluation, one per keypoint; empty: COCO's (the data set must then have COCO's
     # 17 person keypoints; any other keypoint count without sigmas stops the evaluation, naming this key)
@@ -621,6 +624,7 @@ _RULES: dict[type, dict] = {
         "filter_empty": _BOOL,
         "skip_bad_records": _BOOL,
         "horizontal_flip": (lambda v: _is_num(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+        "min_keypoints_per_image": _NONNEG_INT,
         "num_workers": _NONNEG_INT,
         "keypoint_oks_sigmas": (
             lambda v: _seq(v, lambda x: _is_num(x) and x > 0),

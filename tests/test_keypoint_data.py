@@ -219,6 +219,16 @@ def test_min_keypoints_per_image(tmp_path):
     assert ds.image_ids == [2] and ds.filtered_few_keypoints == 1
     with pytest.raises(DatasetError, match="fewer than 6 labelled keypoints"):
         _dataset(tmp_path, min_keypoints_per_image=6)
+    # the config key data.min_keypoints_per_image reaches the training set
+    from maskrcnn.config import apply_overrides, make_config
+    from maskrcnn.engine.train import build_train_dataset
+
+    path = _write(tmp_path, _good_annotations(), None)
+    cfg = make_config("keypoint-R-50-FPN")
+    cfg = apply_overrides(cfg, [f"data.train_images={tmp_path}", f"data.train_annotations={path}"])
+    assert build_train_dataset(cfg).image_ids == [1, 2]
+    cfg = apply_overrides(cfg, ["data.min_keypoints_per_image=5"])
+    assert build_train_dataset(cfg).image_ids == [2]
 
 
 @pytest.mark.skipif(

@@ -476,6 +476,7 @@ def build_train_dataset(cfg: Config):
         annotation_file=d.train_annotations,
         filter_empty=d.filter_empty,
         skip_bad=d.skip_bad_records,
+        min_keypoints_per_image=d.min_keypoints_per_image,
     )
     dataset.transforms = RandomHorizontalFlip(d.horizontal_flip, flip_map=dataset.flip_map)
     return dataset
