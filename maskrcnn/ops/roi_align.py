@@ -442,7 +442,7 @@ def roi_pool(
         # RoIs grouped by their largest bin (powers of two of its area), each group padded to its own: one
         # large RoI must not pad every bin of the small ones
         span_y, span_x = (yhi - ylo).amax(1).clamp(min=1), (xhi - xlo).amax(1).clamp(min=1)
-        group_of = torch.log2((span_y * span_x).double()).ceil().long()
+        group_of = torch.log2((span_y * span_x).float()).ceil().long()  # exact at powers of two
         groups = []
         for g in torch.unique(group_of).tolist():
             r = torch.nonzero(group_of == g).flatten()
