@@ -140,6 +140,7 @@ def part_tests(args, device, tv) -> list[str]:
 def part_ops(args, device, tv) -> list[str]:
     import torch
 
+    from benchmarks.ops import make_rois
     from maskrcnn.ops.nms import nms
     from maskrcnn.ops.roi_align import roi_align
 
@@ -147,32 +148,20 @@ def part_ops(args, device, tv) -> list[str]:
     scale = 4 if args.quick else 1
     height, width, channels = 800 // scale, 1216 // scale, 256 // scale
 
-    def make_rois(per_image: int, images: int = 2):
-        k = per_image * images
-        side = torch.exp(torch.empty(k).uniform_(math.log(16), math.log(640 / scale), generator=gen))
-        ratio = torch.exp(torch.empty(k).uniform_(-1, 1, generator=gen))
-        w, h = side * ratio.sqrt(), side / ratio.sqrt()
-        cx, cy = torch.rand(k, generator=gen) * width, torch.rand(k, generator=gen) * height
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, width), boxes[:, 1::2].clamp(0, height)
-        idx = (torch.arange(k) // per_image).float()[:, None]
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-6)).clamp(2, 5).long()
-        return torch.cat([idx, boxes], 1).to(device), level.to(device)
-
     feats = [
         torch.randn(2, channels, height // s, width // s, generator=gen).to(device) for s in (4, 8, 16, 32)
     ]
     impls = {"maskrcnn": roi_align}
     if tv is not None:
-        impls["torchvision"] = lambda x, r, size, s, sr, al: tv.ops.roi_align(x, r, size, s, sr, al)
+        impls["torchvision"] = tv.ops.roi_align  # the same positional signature
     lines = [
         f"| case | pass | {' | '.join(f'{n} ms' for n in impls)} |"
         + (" torchvision / ours |" if tv is not None else ""),
         "| --- " * (len(impls) + 2 + (tv is not None)) + "|",
     ]
     for case, per_image, size in (("box head 7x7", 512, (7, 7)), ("mask head 14x14", 64, (14, 14))):
-        rois, level = make_rois(per_image)
+        rois, level = make_rois(per_image, height=height, width=width, generator=gen, largest=640 / scale)
+        rois, level = rois.to(device), level.to(device)
         for backward in (False, True):
 
             def run(fn, backward=backward, rois=rois, level=level, size=size):
@@ -212,25 +201,6 @@ def part_ops(args, device, tv) -> list[str]:
         same = torch.equal(nms(boxes, scores, 0.7).cpu(), tv.ops.nms(boxes, scores, 0.7).cpu()) if tv else "-"
         lines.append(f"| {n} | {' | '.join(fmt_ms(t) for t in times.values())} | {same} |")
     return lines
-
-
-def _models(device, tv, size: int):
-    """Ours and (where torchvision is there) torchvision's R-50-FPN with the same seeded weights, eval."""
-    from maskrcnn.weights import load_model
-    from tests.tv_parity import parity_weights, to_torchvision
-
-    weights = to_torchvision(parity_weights())
-    ours = load_model(weights)
-    ours.transform.min_size, ours.transform.max_size = (size,), round(size * 1333 / 800)
-    models = {"maskrcnn": ours.to(device).eval()}
-    if tv is not None:
-        theirs = tv.models.detection.maskrcnn_resnet50_fpn(
-            weights=None, weights_backbone=None, min_size=size, max_size=round(size * 1333 / 800)
-        )
-        weights.update({k: v for k, v in theirs.state_dict().items() if k.endswith("num_batches_tracked")})
-        theirs.load_state_dict(weights)
-        models["torchvision"] = theirs.to(device).eval()
-    return models
 
 
 def _images(args, device, n: int):
@@ -288,7 +258,9 @@ def part_inference(args, device, tv) -> list[str]:
     import torch
 
     size = 320 if args.quick else 800
-    base = _models(device, tv, size)
+    from benchmarks.inference import paired_models
+
+    base = paired_models(tv, size=size, device=device)
     batch = 2 if args.quick else 8
     images, source = _images(args, device, max(batch, 2))
     from maskrcnn.modeling.precision import native_support

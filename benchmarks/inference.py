@@ -69,6 +69,28 @@ class StageClock:
         return out
 
 
+def paired_models(tv, *, size: int = 800, device="cpu") -> dict:
+    """``{"maskrcnn": ours, "torchvision": theirs}`` (theirs only where ``tv`` is not None): R-50-FPN with
+    tests/tv_parity.py's seeded weights (torchvision's layout for torchvision), short side ``size`` (longer
+    <= size * 1333 / 800), in eval mode on ``device``."""
+    from maskrcnn.weights import load_model
+    from tests.tv_parity import parity_weights, to_torchvision
+
+    weights = to_torchvision(parity_weights())
+    longest = round(size * 1333 / 800)
+    ours = load_model(weights)
+    ours.transform.min_size, ours.transform.max_size = (size,), longest
+    models = {"maskrcnn": ours.to(device).eval()}
+    if tv is not None:
+        theirs = tv.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, min_size=size, max_size=longest
+        )
+        weights.update({k: v for k, v in theirs.state_dict().items() if k.endswith("num_batches_tracked")})
+        theirs.load_state_dict(weights)
+        models["torchvision"] = theirs.to(device).eval()
+    return models
+
+
 def _status_kib(field):
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -96,18 +118,11 @@ def main() -> int:
     tv = tvref.install()
     import torch
 
-    from maskrcnn.weights import load_model
-    from tests.tv_parity import parity_weights, read_image, to_torchvision
+    from tests.tv_parity import read_image
 
     torch.set_num_threads(args.threads)
-    weights = to_torchvision(parity_weights())
-    ours = load_model(weights)
-    theirs = tv.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    weights.update({k: v for k, v in theirs.state_dict().items() if k.endswith("num_batches_tracked")})
-    theirs.load_state_dict(weights)
-    theirs.eval()
-
-    models = {"maskrcnn": ours, "torchvision": theirs}
+    models = paired_models(tv)
+    ours = models["maskrcnn"]
     if args.bf16:
         import copy
 

@@ -73,6 +73,27 @@ def _cpu_name() -> str:
         return platform.machine()
 
 
+def make_rois(per_image: int, *, height: int, width: int, generator, images: int = 2, largest: float = 640):
+    """``[K, 5]`` RoIs (batch index, x1, y1, x2, y2), ``per_image`` per image, log-uniform sides 16 ..
+    ``largest`` px and aspect ratios e^-1 .. e, clipped to ``height x width``; and each one's FPN level
+    (2 .. 5, the paper's rule)."""
+    import torch
+
+    gen = generator
+    k = per_image * images
+    side = torch.exp(torch.empty(k).uniform_(math.log(16), math.log(largest), generator=gen))
+    ratio = torch.exp(torch.empty(k).uniform_(-1, 1, generator=gen))
+    w, h = side * ratio.sqrt(), side / ratio.sqrt()
+    cx, cy = torch.rand(k, generator=gen) * width, torch.rand(k, generator=gen) * height
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    idx = (torch.arange(k) // per_image).float()[:, None]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-6)).clamp(2, 5).long()
+    return torch.cat([idx, boxes], 1), level
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tvref", default=os.path.join(HERE, "..", "..", "shared", "tools", "tvref"))
@@ -104,20 +125,6 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     height, width, channels = 800, 1216, 256
 
-    def make_rois(per_image: int, images: int = 2):
-        k = per_image * images
-        side = torch.exp(torch.empty(k).uniform_(math.log(16), math.log(640), generator=gen))
-        ratio = torch.exp(torch.empty(k).uniform_(-1, 1, generator=gen))
-        w, h = side * ratio.sqrt(), side / ratio.sqrt()
-        cx, cy = torch.rand(k, generator=gen) * width, torch.rand(k, generator=gen) * height
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        idx = (torch.arange(k) // per_image).float()[:, None]
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-6)).clamp(2, 5).long()
-        return torch.cat([idx, boxes], 1), level
-
     feats = [torch.randn(2, channels, height // s, width // s, generator=gen) for s in (4, 8, 16, 32)]
     feats_cl = [f.to(memory_format=torch.channels_last) for f in feats]
     grad_mib = sum(f.numel() for f in feats) * 4 / 2**20
@@ -135,7 +142,7 @@ def main() -> int:
 
     results = []
     for case, per_image, size in (("box head 7x7", 512, (7, 7)), ("mask head 14x14", 64, (14, 14))):
-        rois, level = make_rois(per_image)
+        rois, level = make_rois(per_image, height=height, width=width, generator=gen)
         out_mib = rois.shape[0] * channels * size[0] * size[1] * 4 / 2**20
 
         def run(fn, maps, backward, rois=rois, level=level, size=size):

@@ -31,6 +31,7 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
     "check_metadata",
+    "recorded_labels",
     "load_state_dict_strict",
     "torchvision_to_maskrcnn",
     "maskrcnn_to_torchvision",
@@ -200,6 +201,14 @@ def check_metadata(metadata, config: ModelConfig, *, source: str = "metadata") -
             shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
             raise CheckpointError(f"{source}: metadata.{key}={shown}: expected {expected}")
     return out
+
+
+def recorded_labels(model: nn.Module) -> tuple[list[str] | None, dict[int, int] | type]:
+    """``(class names, label -> category id)`` as the model's ``metadata`` recorded them: ``(None, int)``
+    (labels are the category ids) for a model without (torchvision's weights, older checkpoints)."""
+    meta = getattr(model, "metadata", None) or {}
+    ids = meta.get("category_ids")
+    return meta.get("class_names"), ({i + 1: int(c) for i, c in enumerate(ids)} if ids else int)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:

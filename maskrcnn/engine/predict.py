@@ -35,6 +35,7 @@ from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKEL
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco
 from maskrcnn.progress import iterate_with_progress
 from maskrcnn.visualize import KEYPOINT_THRESHOLD, draw_instances, to_pil_image
+from maskrcnn.weights import recorded_labels
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -187,14 +188,11 @@ def predict(
     if device is not None:
         model.to(device)
     device = _model_device(model)
-    meta = getattr(model, "metadata", None) or {}
-    if class_names is None:
-        class_names = meta.get("class_names")
-    if label_to_category_id is None and meta.get("category_ids"):
-        label_to_category_id = {i + 1: cid for i, cid in enumerate(meta["category_ids"])}
+    recorded_names, recorded_ids = recorded_labels(model)
+    class_names = recorded_names if class_names is None else class_names
+    to_category = recorded_ids if label_to_category_id is None else label_to_category_id
     if skeleton is None:
-        skeleton = meta.get("skeleton")
-    to_category = label_to_category_id if label_to_category_id is not None else int
+        skeleton = (getattr(model, "metadata", None) or {}).get("skeleton")
     was_training = model.training
     model.eval()
     entries: list[dict] = []

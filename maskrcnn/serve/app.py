@@ -64,6 +64,7 @@ from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKEL
 from maskrcnn.engine.evaluate import _model_device, detections_to_coco
 from maskrcnn.serve.page import PAGE
 from maskrcnn.visualize import KEYPOINT_THRESHOLD, PALETTE, to_pil_image
+from maskrcnn.weights import recorded_labels
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -120,11 +121,9 @@ class Predictor:
         self.model = model.eval()
         self.device = _model_device(model)
         meta = getattr(model, "metadata", None) or {}
-        if class_names is None:
-            class_names = meta.get("class_names")
+        recorded_names, self.to_category = recorded_labels(model)
+        class_names = recorded_names if class_names is None else class_names
         self.class_names = list(class_names) if class_names is not None else None
-        ids = meta.get("category_ids")
-        self.to_category = {i + 1: int(c) for i, c in enumerate(ids)} if ids else int
         self.max_pixels = int(max_pixels)
         self.score_threshold = float(score_threshold)
         config = getattr(model, "config", None)
