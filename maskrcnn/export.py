@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskrcnn.ops.masks import _expand_boxes_to_int, _resize_weights
+from maskrcnn.ops.masks import expand_boxes_to_int, paste_resize_taps
 from maskrcnn.ops.nms import batched_nms
 from maskrcnn.ops.roi_align import roi_align
 
@@ -421,7 +421,7 @@ class ExportableMaskRCNN(nn.Module):
         ``embedding_bag`` blend written as two gathers."""
         n, m = masks.shape[0], masks.shape[-1]
         src = m + 2 * padding
-        ib = _expand_boxes_to_int(boxes, float(src) / m)
+        ib = expand_boxes_to_int(boxes, float(src) / m)
         mpad = F.pad(masks[:, 0], (padding,) * 4)  # [N, src, src]
         det = torch.arange(n)
 
@@ -434,9 +434,9 @@ class ExportableMaskRCNN(nn.Module):
 
         h, w = image_size[0], image_size[1]
         cols = mpad.transpose(1, 2).reshape(-1, src)  # [N * src (columns), src (rows)]
-        rows = blend(cols, det * src, *_resize_weights(ib[:, 0], ib[:, 2], w, src, masks.dtype))
+        rows = blend(cols, det * src, *paste_resize_taps(ib[:, 0], ib[:, 2], w, src, masks.dtype))
         rows = rows.reshape(n, w, src).transpose(1, 2).reshape(-1, w)  # [N * src, w]
-        out = blend(rows, det * src, *_resize_weights(ib[:, 1], ib[:, 3], h, src, masks.dtype))
+        out = blend(rows, det * src, *paste_resize_taps(ib[:, 1], ib[:, 3], h, src, masks.dtype))
         return out.reshape(n, 1, h, w)
 
     # --------------------------------------------------------------------------------- forward

@@ -11,6 +11,8 @@ covers the continuous square ``[j, j + 1) x [i, i + 1)`` (its centre is ``(j + 0
 * :func:`crop_and_resize_polygons` -- training: rasterise polygon annotations directly inside the RoIs
   (detectron2's way, sharper than resampling a bitmap).
 * :func:`polygons_to_bitmask` -- full-image rasterisation of polygons with pycocotools.
+* :func:`expand_boxes_to_int`, :func:`paste_resize_taps` -- the pasting's two building blocks, shared
+  with the ONNX exporter's graph (``maskrcnn.export``) so both paste with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ __all__ = [
     "TORCHVISION_MASK_TARGETS",
     "crop_and_resize_bitmasks",
     "crop_and_resize_polygons",
+    "expand_boxes_to_int",
     "paste_masks_in_image",
+    "paste_resize_taps",
     "polygons_to_bitmask",
 ]
 
@@ -45,7 +49,7 @@ DETECTRON2_MASK_TARGETS = MappingProxyType({"aligned": True, "sampling_ratio": 0
 # --------------------------------------------------------------------------------------------------
 
 
-def _expand_boxes_to_int(boxes: Tensor, scale: float) -> Tensor:
+def expand_boxes_to_int(boxes: Tensor, scale: float) -> Tensor:
     """Grow ``boxes [N, 4]`` by ``scale`` around their centres and truncate to int64 (towards zero).
 
     The float operations, their order and dtype follow the legacy code exactly, so the integer boxes
@@ -59,7 +63,7 @@ def _expand_boxes_to_int(boxes: Tensor, scale: float) -> Tensor:
     return out.to(boxes.dtype).to(torch.int64)
 
 
-def _resize_weights(start: Tensor, stop: Tensor, length: int, src_size: int, dtype: torch.dtype):
+def paste_resize_taps(start: Tensor, stop: Tensor, length: int, src_size: int, dtype: torch.dtype):
     """1-D bilinear resize taps of a ``src_size`` signal pasted at ``[start, stop]`` (inclusive).
 
     For every box ``n`` and image position ``p < length``: source taps ``i0, i1`` (int64
@@ -140,7 +144,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Sequence[int]
     boxes = boxes.to(masks.device)
     src_h, src_w = masks.shape[-2] + 2 * padding, masks.shape[-1] + 2 * padding
     scale = float(masks.shape[-1] + 2 * padding) / masks.shape[-1]
-    ib = _expand_boxes_to_int(boxes, scale)
+    ib = expand_boxes_to_int(boxes, scale)
     # PyTorch interpolates half/bfloat16 in float32 ("opmath"); do the same.
     cdtype = masks.dtype if masks.dtype in (torch.float32, torch.float64) else torch.float32
     mpad = torch.nn.functional.pad(masks[:, 0].to(cdtype), (padding,) * 4)  # [N, src_h, src_w]
@@ -148,12 +152,12 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: Sequence[int]
 
     # Horizontal pass: the padded mask's columns are table rows -> [N, w, src_h] -> [N, src_h, w].
     cols = mpad.transpose(1, 2).reshape(n * src_w, src_h)
-    taps = _resize_weights(ib[:, 0], ib[:, 2], im_w, src_w, cdtype)
+    taps = paste_resize_taps(ib[:, 0], ib[:, 2], im_w, src_w, cdtype)
     rows = _blend_rows(cols, det * src_w, *taps).view(n, im_w, src_h).transpose(1, 2)
     rows = rows.reshape(n * src_h, im_w)
 
     # Vertical pass: every output row blends two rows of its own detection -> [N * h, w].
-    taps = _resize_weights(ib[:, 1], ib[:, 3], im_h, src_h, cdtype)
+    taps = paste_resize_taps(ib[:, 1], ib[:, 3], im_h, src_h, cdtype)
     out = _blend_rows(rows, det * src_h, *taps)
     return out.view(n, 1, im_h, im_w).to(masks.dtype)
 
