@@ -35,10 +35,10 @@ def _image(args):
 
         array = np.asarray(load_image(args.image).convert("RGB"), dtype=np.float32) / 255.0
     else:
-        from maskrcnn.data.shapes import _make_image
+        from maskrcnn.data.shapes import draw_image
 
         h, w = args.size
-        array = _make_image(np.random.default_rng(args.seed), h, w, 4)[0].astype(np.float32) / 255.0
+        array = draw_image(np.random.default_rng(args.seed), h, w)[0].astype(np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

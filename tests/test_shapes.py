@@ -92,3 +92,55 @@ def test_occluded_shapes_stay_mostly_visible(shapes):
     assert rles and all(isinstance(a["segmentation"]["counts"], str) for a in rles)
     sizes = np.array([max(a["bbox"][2:]) for a in data["annotations"]])
     assert sizes.min() >= 10 and sizes.max() <= 0.4 * 128 + 2
+
+
+def test_refuses_to_overwrite_files_it_did_not_write(shapes, tmp_path):
+    """The demo and the ablation write the data set into a folder the user names: never over their files."""
+    foreign = tmp_path / "a" / "val" / "1000002.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="val/1000002.png"):
+        make_shapes_dataset(str(tmp_path / "a"), seed=0, **SMALL)
+    assert foreign.read_bytes() == b"not ours"
+    assert sorted(os.listdir(tmp_path / "a")) == ["val"]  # nothing written before refusing
+
+    (tmp_path / "b" / "annotations").mkdir(parents=True)  # a user's COCO annotations of the same name
+    (tmp_path / "b" / "annotations" / "instances_train.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="instances_train.json"):
+        make_shapes_dataset(str(tmp_path / "b"), seed=0, **SMALL)
+
+    (tmp_path / "c").mkdir()  # other files in the folder are left alone
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    make_shapes_dataset(str(tmp_path / "c"), seed=0, **SMALL)
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+    assert _files(tmp_path / "c") == {**_files(shapes[0]), "notes.txt": b"mine"}
+
+
+def test_folder_of_the_earlier_meta_format_is_its_own(shapes, tmp_path):
+    """meta.json written before the generator recorded its name: regenerated in place, not refused."""
+    root = tmp_path / "old"
+    make_shapes_dataset(str(root), seed=0, **SMALL)
+    legacy = {
+        "version": 1,
+        "num_train": 10,
+        "num_val": 4,
+        "image_size": [128, 160],
+        "seed": 0,
+        "max_objects": 4,
+    }
+    (root / "meta.json").write_text(json.dumps(legacy))
+    make_shapes_dataset(str(root), seed=0, **{**SMALL, "num_val": 2})
+    assert sorted(os.listdir(root / "val")) == ["1000001.png", "1000002.png"]
+    (root / "meta.json").write_text(json.dumps({**legacy, "extra": 1}))  # not the earlier format: refused
+    with pytest.raises(FileExistsError, match="meta.json"):
+        make_shapes_dataset(str(root), seed=0, **SMALL)
+
+
+def test_interrupted_run_is_resumed(shapes, tmp_path):
+    root = tmp_path / "r"
+    make_shapes_dataset(str(root), seed=0, **SMALL)
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "complete": False}))  # what an interruption leaves
+    os.remove(root / "annotations" / "instances_val.json")
+    make_shapes_dataset(str(root), seed=0, **SMALL)
+    assert _files(root) == _files(shapes[0])

@@ -39,18 +39,15 @@ regenerated; files this generator did not write are never overwritten (:class:`F
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
-from maskrcnn.data.shapes import _background, _complete, _png_bytes, _polygon_mask, _read_meta, _write_bytes
+from maskrcnn.data.synthetic import instance_record, polygon_mask, textured_background, write_dataset
 from maskrcnn.ops.keypoints import keypoint_flip_map
 
-__all__ = ["CATEGORY", "FLIP_INDICES", "KEYPOINT_NAMES", "SKELETON", "make_figures_dataset"]
+__all__ = ["CATEGORY", "FLIP_INDICES", "KEYPOINT_NAMES", "SKELETON", "draw_image", "make_figures_dataset"]
 
 KEYPOINT_NAMES = COCO_PERSON_KEYPOINT_NAMES
 SKELETON = tuple(tuple(pair) for pair in COCO_PERSON_SKELETON)  # 1-based keypoint indices, as COCO's
@@ -66,7 +63,6 @@ CATEGORY = {
 
 _VERSION = 1  # bump when the generated data changes, so that old folders are regenerated
 _GENERATOR = "maskrcnn.data.figures"
-_SPLITS = {"train": 0, "val": 1}
 _MAX_FIGURES = 3
 _MIN_VISIBLE = 0.5  # fraction of a figure's mask that must stay visible when later things are drawn
 _MIN_VISIBLE_KEYPOINTS = 6  # v = 2 keypoints a figure must keep
@@ -135,7 +131,7 @@ class _Layer:
     def polygon(self, points: np.ndarray, colour, chain: int) -> None:
         """A filled polygon, rasterised by pycocotools (as COCO polygons are)."""
         flat = [float(v) for v in points.reshape(-1)]
-        self._paint((slice(None), slice(None)), _polygon_mask(flat, self.h, self.w), colour, chain)
+        self._paint((slice(None), slice(None)), polygon_mask(flat, self.h, self.w), colour, chain)
 
 
 def _luminance(c: np.ndarray) -> float:
@@ -308,7 +304,7 @@ def _occluder(rng, h: int, w: int) -> np.ndarray:
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     corners = np.array([[-bw, -bh], [bw, -bh], [bw, bh], [-bw, bh]]) / 2
     corners = corners @ _rot(math.radians(rng.uniform(-30, 30))).T + [cx, cy]
-    return _polygon_mask([float(v) for v in corners.reshape(-1)], h, w)
+    return polygon_mask([float(v) for v in corners.reshape(-1)], h, w)
 
 
 def _visibility(owner: np.ndarray, figure: int, kp: np.ndarray) -> np.ndarray:
@@ -336,7 +332,7 @@ def _visible_enough(owner: np.ndarray, figures: list, full_areas: list) -> bool:
 def _make_image(rng: np.random.Generator, h: int, w: int):
     """One image ``[h, w, 3]`` uint8 and its figures ``[(visible mask, keypoints [17, 2], v [17])]``."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    canvas = _background(rng, h, w, yy, xx)
+    canvas = textured_background(rng, h, w, yy, xx)
     background = canvas.copy()
     owner = np.zeros((h, w), dtype=np.int32)  # figure * 8 + chain + 1 of the pixel's top layer; 0: none
     figures: list[np.ndarray] = []
@@ -376,79 +372,20 @@ def _make_image(rng: np.random.Generator, h: int, w: int):
     return image, out
 
 
-def _make_split(root: str, split: str, num: int, image_size: tuple[int, int], seed: int) -> str:
-    h, w = image_size
-    images, annotations = [], []
-    os.makedirs(os.path.join(root, split), exist_ok=True)
-    id_offset = 0 if split == "train" else 1_000_000
-    for i in range(num):
-        rng = np.random.default_rng([seed, _SPLITS[split], i])
-        image, figures = _make_image(rng, h, w)
-        image_id = id_offset + i + 1
-        file_name = f"{image_id:07d}.png"
-        _write_bytes(os.path.join(root, split, file_name), _png_bytes(image))
-        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
-        for visible, kp, v in figures:
-            rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
-            keypoints: list = []
-            for (x, y), vis in zip(kp, v):
-                # continuous coordinates (see the module docstring); unlabelled points are 0, 0, 0
-                # (rounding must not carry a point at the far edge out of the image)
-                xy = [min(round(float(x), 2), w - 0.01), min(round(float(y), 2), h - 0.01)]
-                keypoints += [*xy, int(vis)] if vis else [0, 0, 0]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": CATEGORY["id"],
-                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(b) for b in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                    "keypoints": keypoints,
-                    "num_keypoints": int((v > 0).sum()),
-                }
-            )
-    data = {
-        "info": {"description": f"maskrcnn synthetic figures, {split} split, seed {seed}", "version": "1"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [json.loads(json.dumps(CATEGORY))],
-    }
-    path = os.path.join(root, "annotations", f"person_keypoints_{split}.json")
-    _write_bytes(path, json.dumps(data).encode())
-    return path
-
-
-def _outputs(root: str, num_train: int, num_val: int) -> list[str]:
-    """Every file a dataset with these image counts consists of."""
-    files = [os.path.join(root, "meta.json")]
-    for split, n, offset in (("train", num_train, 0), ("val", num_val, 1_000_000)):
-        files.append(os.path.join(root, "annotations", f"person_keypoints_{split}.json"))
-        files += [os.path.join(root, split, f"{offset + i + 1:07d}.png") for i in range(n)]
-    return files
-
-
-def _check_not_foreign(root: str, meta: dict) -> None:
-    """Raise FileExistsError when writing ``meta``'s dataset would replace a file this generator did not
-    write: one that exists and is not part of the dataset the current ``meta.json`` (if ours) describes."""
-    old = _read_meta(root)
-    ours: set[str] = set()
-    if old is not None and old.get("generator") == _GENERATOR:
-        try:
-            ours = set(_outputs(root, int(old["num_train"]), int(old["num_val"])))
-        except (KeyError, TypeError, ValueError):
-            ours = set()
-    foreign = [p for p in _outputs(root, meta["num_train"], meta["num_val"]) if os.path.lexists(p)]
-    foreign = [p for p in foreign if p not in ours]
-    if foreign:
-        listed = ", ".join(os.path.relpath(p, root) for p in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise FileExistsError(
-            f"{root} holds files the figures generator did not write ({listed}{more}); refusing to "
-            "overwrite them: choose an empty or new folder"
-        )
+def draw_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict]]:
+    """One image ``[h, w, 3]`` uint8 and its COCO annotation records (without ``id`` and ``image_id``)."""
+    image, figures = _make_image(rng, h, w)
+    records = []
+    for visible, kp, v in figures:
+        keypoints: list = []
+        for (x, y), vis in zip(kp, v):
+            # continuous coordinates (see the module docstring); unlabelled points are 0, 0, 0
+            # (rounding must not carry a point at the far edge out of the image)
+            xy = [min(round(float(x), 2), w - 0.01), min(round(float(y), 2), h - 0.01)]
+            keypoints += [*xy, int(vis)] if vis else [0, 0, 0]
+        record = instance_record(category_id=CATEGORY["id"], visible=visible)
+        records.append({**record, "keypoints": keypoints, "num_keypoints": int((v > 0).sum())})
+    return image, records
 
 
 def make_figures_dataset(
@@ -467,46 +404,15 @@ def make_figures_dataset(
     :class:`FileExistsError`, before writing anything, when a file it would write exists and was not
     written by this generator.
     """
-    h, w = int(image_size[0]), int(image_size[1])
-    if min(h, w) < 64:
-        raise ValueError(f"image_size must be at least 64 x 64, got {image_size}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError("the image counts must be >= 0")
-    root = os.path.abspath(root)
-    paths = {
-        "train_images": os.path.join(root, "train"),
-        "train_annotations": os.path.join(root, "annotations", "person_keypoints_train.json"),
-        "val_images": os.path.join(root, "val"),
-        "val_annotations": os.path.join(root, "annotations", "person_keypoints_val.json"),
-    }
-    meta = {
-        "generator": _GENERATOR,
-        "version": _VERSION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": [h, w],
-        "seed": int(seed),
-        "complete": True,
-    }
-    if _complete(root, meta, paths):
-        return paths
-    _check_not_foreign(root, meta)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    meta_path = os.path.join(root, "meta.json")
-    # claim the files first (incomplete until rewritten at the end), so that an interrupted run can be
-    # resumed without being taken for someone else's files
-    old = _read_meta(root)
-    claimed = {**meta, "complete": False}
-    if old is not None and old.get("generator") == _GENERATOR:  # also keep claiming the previous files
-        claimed["num_train"] = max(int(num_train), int(old.get("num_train", 0)))
-        claimed["num_val"] = max(int(num_val), int(old.get("num_val", 0)))
-    _write_bytes(meta_path, (json.dumps(claimed, indent=1) + "\n").encode())
-    _make_split(root, "train", int(num_train), (h, w), int(seed))
-    _make_split(root, "val", int(num_val), (h, w), int(seed))
-    # images of the previous (larger) dataset that this one does not have: ours, and stale
-    keep = set(_outputs(root, int(num_train), int(num_val)))
-    for path in _outputs(root, claimed["num_train"], claimed["num_val"]):
-        if path not in keep and os.path.isfile(path):
-            os.remove(path)
-    _write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-    return paths
+    return write_dataset(
+        root,
+        generator=_GENERATOR,
+        version=_VERSION,
+        prefix="person_keypoints",
+        categories=[CATEGORY],
+        draw=draw_image,
+        num_train=num_train,
+        num_val=num_val,
+        image_size=image_size,
+        seed=seed,
+    )
