@@ -517,6 +517,7 @@ def export_onnx(
             # tensors (see ExportableMaskRCNN); the rest are constants of the model.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.4's own symbolic helpers
             warnings.filterwarnings("ignore", category=UserWarning)
             torch.onnx.export(
                 wrapper,
