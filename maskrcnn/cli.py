@@ -210,8 +210,9 @@ def cmd_eval(args) -> int:
     out = args.output_dir or os.path.join(cfg.output_dir, "eval")
     _check_writable(out)
     device = _device(cfg.device)
-    # --config is the model config of a bare state dict; a checkpoint's own config is kept
-    model = _inference_model(args, device, cfg.model if args.config else None)
+    # --config is the model config of a bare state dict; a checkpoint's own config is kept (test-time keys
+    # among the overrides apply to it)
+    model = _inference_model(args, device, cfg.model if args.config else None, args.overrides)
     dataset = CocoDataset(
         image_dir=cfg.data.val_images,
         annotation_file=cfg.data.val_annotations,
@@ -304,14 +305,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _inference_model(args, device, model_config):
+def _inference_model(args, device, model_config, overrides: list[str] = ()):
     """``--weights`` on ``device`` in eval mode and ``--precision``; ``model_config``: the config of a bare
-    state dict (a checkpoint keeps its own)."""
-    from maskrcnn.weights import load_model
+    state dict (a checkpoint keeps its own); the test-time keys among ``overrides`` apply to either (other
+    model keys are refused by name: :func:`maskrcnn.weights.apply_test_settings`)."""
+    from maskrcnn.weights import apply_test_settings, load_model
 
-    return load_model(args.weights, device=str(device), default_config=model_config).set_precision(
-        args.precision
-    )
+    model = load_model(args.weights, device=str(device), default_config=model_config)
+    return apply_test_settings(model, list(overrides)).set_precision(args.precision)
 
 
 def _class_names(args):

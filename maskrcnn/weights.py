@@ -27,6 +27,8 @@ from maskrcnn.atomic import atomic_write
 from maskrcnn.config import ModelConfig, config_from_dict, config_to_dict, get_config
 
 __all__ = [
+    "TEST_TIME_KEYS",
+    "apply_test_settings",
     "load_model",
     "save_checkpoint",
     "read_checkpoint",
@@ -237,6 +239,54 @@ _TORCHVISION_MARKERS = ("rpn.head.conv.0.0.", "backbone.fpn.inner_blocks.0.0.", 
 
 def _is_state_dict(data: Mapping) -> bool:
     return bool(data) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items())
+
+
+#: Model keys that change only how a trained model runs, not what its weights mean (detectron2's ``*_TEST``
+#: settings): ``maskrcnn eval`` applies them to a checkpoint's own config; other model keys are refused.
+TEST_TIME_KEYS = (
+    "model.input.min_size",
+    "model.input.max_size",
+    "model.rpn.pre_nms_topk_test",
+    "model.rpn.post_nms_topk_test",
+    "model.rpn.nms_thresh",
+    "model.roi_heads.score_thresh",
+    "model.roi_heads.nms_thresh",
+    "model.roi_heads.detections_per_img",
+)
+
+
+def apply_test_settings(model: nn.Module, overrides: list[str]) -> nn.Module:
+    """A loaded ``model`` with the ``model.*`` items of ``KEY=VALUE`` ``overrides`` applied to its config.
+
+    Only :data:`TEST_TIME_KEYS` may change: another model key that would change raises
+    :class:`~maskrcnn.config.ConfigError` naming it (the weights were trained as that model). Items of other
+    sections are ignored here. Returns ``model`` itself when nothing changes, else a model rebuilt from the
+    new config with the same weights, metadata, device and eval mode (set its precision after this).
+    """
+    import dataclasses
+
+    from maskrcnn.config import Config, ConfigError, apply_overrides
+    from maskrcnn.engine.checkpoint import config_differences
+    from maskrcnn.modeling.build import build_model
+
+    items = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    if not items:
+        return model
+    new = apply_overrides(Config(model=model.config), items).model
+    changed = config_differences(dataclasses.asdict(model.config), dataclasses.asdict(new), prefix="model.")
+    if not changed:
+        return model
+    fixed = [c for c in changed if c.split(":", 1)[0] not in TEST_TIME_KEYS]
+    if fixed:
+        raise ConfigError(
+            f"{'; '.join(fixed)}: the weights were trained as the checkpoint's model; only test-time keys "
+            f"can change here ({', '.join(k.removeprefix('model.') for k in TEST_TIME_KEYS)})"
+        )
+    device = next(model.parameters()).device
+    rebuilt = build_model(new)
+    load_state_dict_strict(rebuilt, model.state_dict(), source="the loaded model")
+    rebuilt.metadata = getattr(model, "metadata", {})
+    return rebuilt.to(device).eval()
 
 
 def load_model(

@@ -543,3 +543,34 @@ def test_checkpoints_name_the_classes_and_keep_the_datas_category_ids(shapes, tm
     assert (
         main(["eval", "--weights", weights, "--output-dir", str(tmp_path / "eval2"), "device=cpu", *ok]) == 0
     )
+
+
+def test_eval_applies_test_time_keys_to_a_checkpoint_and_refuses_model_changes(shapes, tmp_path, capsys):
+    """As detectron2's ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.0`` at --eval-only: the override must act (it was
+    silently dropped: a checkpoint kept its own config), and an architecture key must not pass silently."""
+    from maskrcnn.weights import save_checkpoint
+    from tests.common import tiny_model
+
+    weights = str(tmp_path / "w.pt")
+    save_checkpoint(weights, tiny_model(num_classes=4))
+    data = [f"data.val_images={shapes['val_images']}", f"data.val_annotations={shapes['val_annotations']}"]
+    data += ["device=cpu", "data.num_workers=0"]
+    per_image = {}
+    for n in (2, 3):
+        out = tmp_path / f"eval{n}"
+        keys = ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={n}"]
+        assert main(["eval", "--weights", weights, "--output-dir", str(out), *data, *keys]) == 0
+        results = json.loads((out / "coco_results.json").read_text())
+        counts = {}
+        for r in results:
+            counts[r["image_id"]] = counts.get(r["image_id"], 0) + 1
+        per_image[n] = sorted(counts.values())
+    assert per_image == {2: [2, 2, 2], 3: [3, 3, 3]}  # a random model at threshold 0 fills every slot
+    capsys.readouterr()
+    refused = ["model.roi_heads.aligned=true", "model.roi_heads.score_thresh=0.1"]
+    assert main(["eval", "--weights", weights, "--output-dir", str(tmp_path / "e"), *data, *refused]) == 2
+    message = _error(capsys)
+    assert message.startswith("maskrcnn eval: error: model.roi_heads.aligned: False -> True: the weights"), (
+        message
+    )
+    assert "roi_heads.score_thresh" in message.split("only test-time keys can change here")[1]

@@ -182,3 +182,31 @@ def read_checkpoint_dict(tmp_path, model):
     path = tmp_path / "c.pt"
     save_checkpoint(path, model)
     return read_checkpoint(path)
+
+
+def test_test_time_settings_rebuild_with_the_same_weights(model):
+    from maskrcnn.config import ConfigError
+    from maskrcnn.weights import apply_test_settings
+
+    loaded = copy.deepcopy(model).eval()
+    loaded.metadata = {"class_names": ["background", "a", "b", "c"]}
+    assert apply_test_settings(loaded, ["solver.max_iter=5", "seed=3"]) is loaded  # no model item
+    assert apply_test_settings(loaded, ["model.num_classes=4", "model.roi_heads.aligned=false"]) is loaded
+    items = [
+        "model.roi_heads.score_thresh=0.0",
+        "model.input.min_size=(32,)",
+        "model.rpn.post_nms_topk_test=7",
+    ]
+    changed = apply_test_settings(loaded, items)
+    assert changed is not loaded and not changed.training and _same_weights(changed, loaded)
+    assert changed.metadata == loaded.metadata
+    assert changed.config.roi_heads.score_thresh == 0.0 and tuple(changed.config.input.min_size) == (32,)
+    assert changed.roi_heads.box_branch.score_thresh == 0.0  # reaches the modules, not only the config
+    assert loaded.config.roi_heads.score_thresh == 0.05  # the given model is left as it was
+    for key in (
+        "model.backbone.fpn_channels=32",
+        "model.roi_heads.pooler=pool",
+        "model.rpn.fg_iou_thresh=0.6",
+    ):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            apply_test_settings(loaded, [key])

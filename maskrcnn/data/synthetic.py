@@ -191,7 +191,10 @@ def write_dataset(
             root, split=split, stream=stream, offset=offset, num=num, h=h, w=w, seed=int(seed), draw=draw
         )
         data = {
-            "info": {"description": f"{generator} (synthetic), {split} split, seed {seed}", "version": str(version)},
+            "info": {
+                "description": f"{generator} (synthetic), {split} split, seed {seed}",
+                "version": str(version),
+            },
             "licenses": [],
             "images": images,
             "annotations": annotations,
