@@ -22,3 +22,17 @@ def tiny_model(num_classes: int = 3, *, mask: bool = True, seed: int = 0):
     cfg.roi_heads.detections_per_img = 10
     torch.manual_seed(seed)
     return build_model(cfg)
+
+
+def assert_refuses_a_foreign_file(make_dataset, root, relpath: str, **kwargs) -> None:
+    """``make_dataset(root, **kwargs)`` (a synthetic data set generator) meets ``root/relpath``, a file it did
+    not write: FileExistsError naming it, the file untouched, nothing else written."""
+    import pytest
+
+    foreign = root / relpath
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match=relpath):
+        make_dataset(str(root), **kwargs)
+    assert foreign.read_bytes() == b"not ours"
+    assert sorted(os.listdir(root)) == [relpath.split("/")[0]]  # nothing written before refusing

@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 
 from maskrcnn.data.figures import CATEGORY, FLIP_INDICES, KEYPOINT_NAMES, SKELETON, make_figures_dataset
 from maskrcnn.data.shapes import make_shapes_dataset
+from tests.common import assert_refuses_a_foreign_file
 
 SMALL = {"num_train": 12, "num_val": 4, "image_size": (160, 192)}
 K = len(KEYPOINT_NAMES)
@@ -191,13 +192,7 @@ def test_reused_when_complete_regenerated_otherwise(figures, tmp_path):
 
 
 def test_refuses_to_overwrite_files_it_did_not_write(tmp_path):
-    foreign = tmp_path / "a" / "train" / "0000003.png"
-    foreign.parent.mkdir(parents=True)
-    foreign.write_bytes(b"not ours")
-    with pytest.raises(FileExistsError, match="train/0000003.png"):
-        make_figures_dataset(str(tmp_path / "a"), seed=0, **SMALL)
-    assert foreign.read_bytes() == b"not ours"
-    assert sorted(os.listdir(tmp_path / "a")) == ["train"]  # nothing written before refusing
+    assert_refuses_a_foreign_file(make_figures_dataset, tmp_path / "a", "train/0000003.png", seed=0, **SMALL)
 
     # the shapes dataset uses the same image names and meta.json: not ours either
     shapes = tmp_path / "shapes"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maskrcnn.data import CocoDataset, make_shapes_dataset
+from tests.common import assert_refuses_a_foreign_file
 
 SMALL = {"num_train": 10, "num_val": 4, "image_size": (128, 160)}
 
@@ -96,13 +97,7 @@ def test_occluded_shapes_stay_mostly_visible(shapes):
 
 def test_refuses_to_overwrite_files_it_did_not_write(shapes, tmp_path):
     """The demo and the ablation write the data set into a folder the user names: never over their files."""
-    foreign = tmp_path / "a" / "val" / "1000002.png"
-    foreign.parent.mkdir(parents=True)
-    foreign.write_bytes(b"not ours")
-    with pytest.raises(FileExistsError, match="val/1000002.png"):
-        make_shapes_dataset(str(tmp_path / "a"), seed=0, **SMALL)
-    assert foreign.read_bytes() == b"not ours"
-    assert sorted(os.listdir(tmp_path / "a")) == ["val"]  # nothing written before refusing
+    assert_refuses_a_foreign_file(make_shapes_dataset, tmp_path / "a", "val/1000002.png", seed=0, **SMALL)
 
     (tmp_path / "b" / "annotations").mkdir(parents=True)  # a user's COCO annotations of the same name
     (tmp_path / "b" / "annotations" / "instances_train.json").write_text("{}")
