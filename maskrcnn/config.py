@@ -30,6 +30,7 @@ __all__ = [
     "SolverConfig",
     "Config",
     "PRESETS",
+    "TEST_TIME_KEYS",
     "box_head_kind",
     "get_config",
     "make_config",
@@ -134,6 +135,21 @@ class ModelConfig:
     input: InputConfig = field(default_factory=InputConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+
+
+#: Model keys that change only how a trained model runs, not what its weights mean (detectron2's ``*_TEST``
+#: settings): ``maskrcnn eval`` applies them to a checkpoint's own config (``weights.apply_test_settings``);
+#: other model keys are refused there. A new key that only affects inference belongs here.
+TEST_TIME_KEYS = (
+    "model.input.min_size",
+    "model.input.max_size",
+    "model.rpn.pre_nms_topk_test",
+    "model.rpn.post_nms_topk_test",
+    "model.rpn.nms_thresh",
+    "model.roi_heads.score_thresh",
+    "model.roi_heads.nms_thresh",
+    "model.roi_heads.detections_per_img",
+)
 
 
 @dataclass

@@ -24,10 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.atomic import atomic_write
-from maskrcnn.config import ModelConfig, config_from_dict, config_to_dict, get_config
+from maskrcnn.config import TEST_TIME_KEYS, ModelConfig, config_from_dict, config_to_dict, get_config
 
 __all__ = [
-    "TEST_TIME_KEYS",
     "apply_test_settings",
     "load_model",
     "save_checkpoint",
@@ -241,24 +240,10 @@ def _is_state_dict(data: Mapping) -> bool:
     return bool(data) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items())
 
 
-#: Model keys that change only how a trained model runs, not what its weights mean (detectron2's ``*_TEST``
-#: settings): ``maskrcnn eval`` applies them to a checkpoint's own config; other model keys are refused.
-TEST_TIME_KEYS = (
-    "model.input.min_size",
-    "model.input.max_size",
-    "model.rpn.pre_nms_topk_test",
-    "model.rpn.post_nms_topk_test",
-    "model.rpn.nms_thresh",
-    "model.roi_heads.score_thresh",
-    "model.roi_heads.nms_thresh",
-    "model.roi_heads.detections_per_img",
-)
-
-
 def apply_test_settings(model: nn.Module, overrides: list[str]) -> nn.Module:
     """A loaded ``model`` with the ``model.*`` items of ``KEY=VALUE`` ``overrides`` applied to its config.
 
-    Only :data:`TEST_TIME_KEYS` may change: another model key that would change raises
+    Only :data:`maskrcnn.config.TEST_TIME_KEYS` may change: another model key that would change raises
     :class:`~maskrcnn.config.ConfigError` naming it (the weights were trained as that model). Items of other
     sections are ignored here. Returns ``model`` itself when nothing changes, else a model rebuilt from the
     new config with the same weights, metadata, device and eval mode (set its precision after this).

@@ -210,3 +210,13 @@ def test_test_time_settings_rebuild_with_the_same_weights(model):
     ):
         with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
             apply_test_settings(loaded, [key])
+
+
+def test_test_time_keys_name_config_keys():
+    """A renamed config key must not leave a test-time key that no override can reach."""
+    import functools
+
+    from maskrcnn.config import TEST_TIME_KEYS, Config
+
+    for key in TEST_TIME_KEYS:
+        functools.reduce(getattr, key.split("."), Config())  # AttributeError names a stale key
