@@ -7,7 +7,12 @@ head, predictor), mask branch (pooler, head, predictor), the losses' remainder, 
 Forward stages are timed with module hooks (the CPU runs synchronously). With --ops, the top operators of
 whole iterations (forward and backward together) by self CPU time, from torch.profiler.
 
-    .venv/bin/python benchmarks/profile_demo.py [--iters 20] [--warmup 5] [--ops] [KEY=VALUE ...]
+    .venv/bin/python benchmarks/profile_demo.py [--iters 20] [--warmup 5] [--ops] [--weights W] \
+        [KEY=VALUE ...]
+
+--weights starts from a trained checkpoint of the same model (e.g. a demo run's ``train/model_final.pt``)
+instead of the initialisation: late in training most proposals overlap objects, so the RoI heads see many
+more positives (mask targets and mask head run on each) than in the first iterations.
 
 KEY=VALUE overrides the demo's run config (e.g. model.roi_heads.batch_size_per_image=32), to measure a
 change before training with it.
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ops", action="store_true", help="also the top operators (torch.profiler)")
+    ap.add_argument("--weights", help="a checkpoint of the same model to start from (default: its init)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
 
@@ -61,6 +67,10 @@ def main() -> None:
     make_shapes_dataset(os.path.join(tmp, "data"), num_train=64, num_val=0, image_size=(256, 256), seed=0)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
+    if args.weights:
+        from maskrcnn.weights import load_state_dict_strict, read_checkpoint
+
+        load_state_dict_strict(model, read_checkpoint(args.weights)["model"], source=args.weights)
     s = cfg.solver
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = build_scheduler(optimizer, s)
@@ -93,6 +103,12 @@ def main() -> None:
         modules[name].register_forward_pre_hook(pre)
         modules[name].register_forward_hook(post)
 
+    positives: list[int] = []  # RoIs the mask branch pooled per iteration (training: the positives)
+    if "roi_heads.mask_pooler" in modules:
+        modules["roi_heads.mask_pooler"].register_forward_pre_hook(
+            lambda module, inputs: positives.append(sum(len(b) for b in inputs[1]))
+        )
+
     rows: dict[str, list[float]] = {}
 
     def iteration(record: bool) -> None:
@@ -124,9 +140,12 @@ def main() -> None:
         iteration(False)
     for _ in range(args.iters):
         iteration(True)
+    recorded = positives[-args.iters :]
 
     total = statistics.median(rows["whole iteration"])
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, {args.iters} iterations, medians")
+    if recorded:
+        print(f"positive RoIs per iteration (mask branch): median {statistics.median(recorded):g}")
     print("| part | ms | share |\n| --- | --- | --- |")
     for k, v in rows.items():
         m = statistics.median(v)
