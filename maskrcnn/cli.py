@@ -249,7 +249,8 @@ def cmd_predict(args) -> int:
     check_output_dir(paths, args.output_dir, overwrite=args.overwrite)  # before the model: nothing lost
     _check_writable(args.output_dir)
     device = _device(args.device or "auto")
-    model = _inference_model(args, device, _load_config(args.config).model if args.config else None)
+    model_config = _load_config(args.config).model if args.config else None
+    model = _inference_model(args, device, model_config, _test_settings(args))
     results = predict(
         model,
         paths,
@@ -292,7 +293,8 @@ def cmd_serve(args) -> int:
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ConfigError("--max-upload-mb and --max-pixels must be positive")
     device = _device(args.device or "auto")
-    model = _inference_model(args, device, _load_config(args.config).model if args.config else None)
+    model_config = _load_config(args.config).model if args.config else None
+    model = _inference_model(args, device, model_config, _test_settings(args))
     serve(
         model,
         host=args.host,
@@ -313,6 +315,32 @@ def _inference_model(args, device, model_config, overrides: list[str] = ()):
 
     model = load_model(args.weights, device=str(device), default_config=model_config)
     return apply_test_settings(model, list(overrides)).set_precision(args.precision)
+
+
+def _add_test_settings_arg(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE ...``: test-time keys of the loaded model (predict, serve; ``eval`` takes them as its
+    positional overrides)."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="test-time settings of the model, e.g. model.roi_heads.nms_thresh=0.3 "
+        "'model.input.min_size=(1024,)' model.roi_heads.detections_per_img=300 (keys: "
+        "maskrcnn.config.TEST_TIME_KEYS; a key the weights depend on is refused)",
+    )
+
+
+def _test_settings(args) -> list[str]:
+    """``--set``'s items, each a ``model.*`` key (the only section a loaded model has)."""
+    from maskrcnn.config import ConfigError
+
+    for item in args.overrides:
+        if not item.split("=", 1)[0].strip().startswith("model."):
+            raise ConfigError(f"--set {item}: only model.* test-time keys apply to a loaded model")
+    return args.overrides
 
 
 def _class_names(args):
@@ -466,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classes_arg(p)
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
     _add_precision_arg(p)
+    _add_test_settings_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -480,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default: 8000 (0: a free port)")
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
     _add_precision_arg(p)
+    _add_test_settings_arg(p)
     p.add_argument(
         "--score-threshold",
         type=float,

@@ -492,6 +492,37 @@ def test_predict_eval_and_serve_take_precision(tmp_path, capsys, caplog, checkpo
         assert "--precision {fp32,bf16,fp16}" in build_help(command)
 
 
+def test_predict_and_serve_take_test_time_settings(tmp_path, capsys, checkpoint, images):
+    """--set KEY=VALUE: detectron2's ``--opts MODEL.ROI_HEADS.NMS_THRESH_TEST 0.3`` at predict and serve; it
+    must act (detections per image follow it), and a key the weights depend on, or a key of another section
+    (which a loaded model has not), must be refused by name, not dropped."""
+    per_image = {}
+    for n in (2, 3):
+        out = tmp_path / f"pred{n}"
+        argv = ["predict", "--weights", checkpoint, images, "--output-dir", str(out), "--device", "cpu"]
+        keys = ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={n}"]
+        assert main([*argv, "--score-threshold", "0", "--set", *keys]) == 0
+        entries = json.loads((out / "predictions.json").read_text())
+        counts = {}
+        for e in entries:
+            counts[e["image_id"]] = counts.get(e["image_id"], 0) + 1
+        per_image[n] = sorted(counts.values())
+    assert per_image == {2: [2, 2], 3: [3, 3]}  # a random model at threshold 0 fills every slot
+    capsys.readouterr()
+    for command in ("predict", "serve"):
+        argv = [command, "--weights", checkpoint, "--device", "cpu"]
+        argv += [images, "--output-dir", str(tmp_path / "refused")] if command == "predict" else []
+        assert main([*argv, "--set", "model.roi_heads.aligned=true"]) == 2
+        assert _error(capsys).startswith(f"maskrcnn {command}: error: model.roi_heads.aligned: False -> True")
+        assert main([*argv, "--set", "data.num_workers=0"]) == 2
+        assert _error(capsys) == (
+            f"maskrcnn {command}: error: --set data.num_workers=0: only model.* test-time keys apply to a "
+            "loaded model"
+        )
+        assert "--set KEY=VALUE [KEY=VALUE ...]" in build_help(command)
+    assert not (tmp_path / "refused").exists()
+
+
 def _renumbered(annotations: str, out: Path, ids: dict[int, int]) -> str:
     """A copy of a COCO file with its category ids renumbered by ``ids`` (names kept)."""
     data = json.loads(Path(annotations).read_text())
