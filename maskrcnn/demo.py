@@ -18,9 +18,15 @@ import time
 from maskrcnn.atomic import atomic_write
 from maskrcnn.config import Config, apply_overrides, make_config
 
-__all__ = ["TASKS", "demo_config", "keypoint_demo_config", "run_demo"]
+__all__ = ["DEMO_NUM_VAL", "TASKS", "demo_config", "keypoint_demo_config", "run_demo"]
 
 TASKS = ("shapes", "keypoints")
+
+#: Val images each task's demo evaluates on by default. Shapes: 500, because the AP of 50 images moves by
+#: ~0.02 with which images they are (bootstrap over images, benchmarks/val_noise.py), as much as the gap the
+#: demo's targets leave; 500 bring that to ~0.007 for ~40 s more on a 2-core CPU (benchmarks/RESULTS.md,
+#: "How much the default's AP depends on the seed"). Keypoints: 50, not yet measured.
+DEMO_NUM_VAL = {"shapes": 500, "keypoints": 50}
 
 
 def demo_config(output_dir: str) -> Config:
@@ -39,7 +45,9 @@ def demo_config(output_dir: str) -> Config:
     m.rpn.pre_nms_topk_train, m.rpn.post_nms_topk_train = 600, 300
     m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test = 300, 100
     m.roi_heads.batch_size_per_image = 64
-    m.roi_heads.mask_head_channels = 64  # the mask head runs on every positive RoI
+    # the mask head runs on every positive RoI (64 per iteration once training has found the objects): 64
+    # wide, its convolutions were ~20% of an iteration; 32 wide, an iteration is ~14% faster, mask AP no lower
+    m.roi_heads.mask_head_channels = 32
     m.roi_heads.detections_per_img = 20
     data = os.path.join(output_dir, "data")
     cfg.data.train_images = os.path.join(data, "train")
@@ -50,8 +58,8 @@ def demo_config(output_dir: str) -> Config:
     s = cfg.solver
     s.ims_per_batch, s.base_lr, s.reference_batch = 4, 0.02, 4
     # 1000 iterations with the LR drops late (the half-width model under-fits: it needs the long full-LR
-    # phase): mask AP 0.758, AP50 0.917 in 10.5 min on an AVX2-only AMD EPYC, the slowest 2-core machine
-    # seen (full width, 950 iterations: 0.770 / 0.912 in 17.9 min); benchmarks/RESULTS.md, "The demo"
+    # phase; 850 iterations lose 5 points): mask AP 0.794, AP50 0.955 on the 500 val images in 10.1 min on an
+    # AVX2-only AMD EPYC, the slowest 2-core machine seen; benchmarks/RESULTS.md, "The demo"
     s.max_iter, s.steps, s.warmup_iters = 1000, (930, 980), 50
     s.weight_decay = 1e-4
     s.clip_grad_norm = 10.0
@@ -75,6 +83,7 @@ def keypoint_demo_config(output_dir: str) -> Config:
     m.roi_heads.num_keypoints = 17
     # a narrow keypoint tower (torchvision's is 8 x 512): it runs on every positive RoI, forward and backward
     m.roi_heads.keypoint_head_channels = (64,) * 4
+    m.roi_heads.mask_head_channels = 64  # as measured below (the shapes demo's went to 32 afterwards)
     data = os.path.join(output_dir, "data")
     cfg.data.train_annotations = os.path.join(data, "annotations", "person_keypoints_train.json")
     cfg.data.val_annotations = os.path.join(data, "annotations", "person_keypoints_val.json")
@@ -90,13 +99,14 @@ def run_demo(
     *,
     task: str = "shapes",
     num_train: int = 400,
-    num_val: int = 50,
+    num_val: int | None = None,
 ) -> int:
     """Run the demo; prints where everything is and the AP reached. Returns a process exit code.
 
     ``task``: ``"shapes"`` (Mask R-CNN on the shapes data, :func:`demo_config`) or ``"keypoints"``
     (Keypoint & mask R-CNN on the figures data, :func:`keypoint_demo_config`). ``num_train`` /
-    ``num_val``: synthetic images per split (the defaults are the demo's; tests use fewer).
+    ``num_val``: synthetic images per split (the defaults are the demo's, ``num_val`` from
+    :data:`DEMO_NUM_VAL`; tests use fewer).
     """
     import torch
 
@@ -111,6 +121,8 @@ def run_demo(
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     start = time.time()
+    if num_val is None:
+        num_val = DEMO_NUM_VAL[task]
     keypoints = task == "keypoints"
     run_config = keypoint_demo_config if keypoints else demo_config
     make_dataset = make_figures_dataset if keypoints else make_shapes_dataset
@@ -127,7 +139,10 @@ def run_demo(
     result = train(cfg, overwrite=True)  # the demo's own folder: a rerun replaces the previous demo's run
     metrics = result.get("eval") or {}
     val = CocoDataset(image_dir=cfg.data.val_images, annotation_file=cfg.data.val_annotations)
-    print(f"[demo] 3/4 COCO evaluation{' (keypoints: OKS)' if keypoints else ''} on the held-out val split")
+    print(
+        f"[demo] 3/4 COCO evaluation{' (keypoints: OKS)' if keypoints else ''} on the held-out val split"
+        f" ({len(val)} images)"
+    )
     if metrics:
         print(format_metrics_table(metrics, val.class_names))
     pred_dir = os.path.join(output_dir, "predictions")
