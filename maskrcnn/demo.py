@@ -23,9 +23,9 @@ __all__ = ["DEMO_NUM_VAL", "TASKS", "demo_config", "keypoint_demo_config", "run_
 TASKS = ("shapes", "keypoints")
 
 #: Val images each task's demo evaluates on by default. Shapes: 500, because the AP of 50 images moves by
-#: ~0.02 with which images they are (bootstrap over images, benchmarks/val_noise.py), as much as the gap the
-#: demo's targets leave; 500 bring that to ~0.007 for ~40 s more on a 2-core CPU (benchmarks/RESULTS.md,
-#: "How much the default's AP depends on the seed"). Keypoints: 50, not yet measured.
+#: ~0.02 with which images they are (bootstrap over images, benchmarks/val_noise.py), as much as the margin
+#: the demo's targets leave; 500 bring that to ~0.008 for ~35 s more on a 2-core CPU (benchmarks/RESULTS.md,
+#: "The seeds' spread was the 50 val images"). Keypoints: 50, not yet measured.
 DEMO_NUM_VAL = {"shapes": 500, "keypoints": 50}
 
 
@@ -46,7 +46,7 @@ def demo_config(output_dir: str) -> Config:
     m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_test = 300, 100
     m.roi_heads.batch_size_per_image = 64
     # the mask head runs on every positive RoI (64 per iteration once training has found the objects): 64
-    # wide, its convolutions were ~20% of an iteration; 32 wide, an iteration is ~14% faster, mask AP no lower
+    # wide, its convolutions were ~20% of an iteration; 32 wide, an iteration is ~17% faster, mask AP no lower
     m.roi_heads.mask_head_channels = 32
     m.roi_heads.detections_per_img = 20
     data = os.path.join(output_dir, "data")
