@@ -329,7 +329,8 @@ def _add_test_settings_arg(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="test-time settings of the model, e.g. model.roi_heads.nms_thresh=0.3 "
         "'model.input.min_size=(1024,)' model.roi_heads.detections_per_img=300 (keys: "
-        "maskrcnn.config.TEST_TIME_KEYS; a key the weights depend on is refused)",
+        "maskrcnn.config.TEST_TIME_KEYS; a key the weights depend on is refused). It takes every word "
+        "after it up to the next option: put it after the images",
     )
 
 
