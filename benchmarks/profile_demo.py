@@ -5,7 +5,8 @@ workers) and solver on a small generated split, and reports per-iteration median
 iterations after --warmup: data wait, forward of backbone (ResNet body, FPN), RPN, box branch (pooler,
 head, predictor), mask branch (pooler, head, predictor), the losses' remainder, backward, optimizer step.
 Forward stages are timed with module hooks (the CPU runs synchronously). With --ops, the top operators of
-whole iterations (forward and backward together) by self CPU time, from torch.profiler.
+whole iterations (forward and backward together) by self CPU time, from torch.profiler, and the
+convolutions' forward and backward grouped by shape (which layer costs what).
 
     .venv/bin/python benchmarks/profile_demo.py [--iters 20] [--warmup 5] [--ops] [--weights W] \
         [KEY=VALUE ...]
@@ -154,10 +155,29 @@ def main() -> None:
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
+        runs = 5
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(runs):
                 iteration(False)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        # which convolutions: forward and backward grouped by input and weight shape (the layer they are)
+        wrappers = ("aten::conv2d", "aten::conv_transpose2d", "aten::convolution", "aten::_convolution")
+        convs = [
+            e
+            for e in prof.key_averages(group_by_input_shape=True)
+            if "conv" in e.key and e.key not in wrappers
+        ]
+        convs.sort(key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in convs) / runs / 1000
+        print(f"convolutions: {total:.1f} ms per iteration (self CPU), the largest by shape:")
+        print(
+            "| op | ms per iteration | calls per iteration | input, weight (backward: grad output, input) |"
+        )
+        print("| --- | --- | --- | --- |")
+        for e in convs[:15]:
+            shapes = ", ".join(str(list(x)) for x in e.input_shapes[:2])
+            ms = e.self_cpu_time_total / runs / 1000
+            print(f"| {e.key.removeprefix('aten::')} | {ms:.1f} | {e.count / runs:g} | {shapes} |")
 
 
 if __name__ == "__main__":
