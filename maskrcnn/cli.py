@@ -249,8 +249,7 @@ def cmd_predict(args) -> int:
     check_output_dir(paths, args.output_dir, overwrite=args.overwrite)  # before the model: nothing lost
     _check_writable(args.output_dir)
     device = _device(args.device or "auto")
-    model_config = _load_config(args.config).model if args.config else None
-    model = _inference_model(args, device, model_config, _test_settings(args))
+    model = _weights_model(args, device)
     results = predict(
         model,
         paths,
@@ -293,8 +292,7 @@ def cmd_serve(args) -> int:
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ConfigError("--max-upload-mb and --max-pixels must be positive")
     device = _device(args.device or "auto")
-    model_config = _load_config(args.config).model if args.config else None
-    model = _inference_model(args, device, model_config, _test_settings(args))
+    model = _weights_model(args, device)
     serve(
         model,
         host=args.host,
@@ -317,6 +315,18 @@ def _inference_model(args, device, model_config, overrides: list[str] = ()):
     return apply_test_settings(model, list(overrides)).set_precision(args.precision)
 
 
+def _weights_model(args, device):
+    """predict's and serve's model: ``--weights`` (with ``--config`` for a bare state dict) and ``--set``'s
+    test-time keys, each of which must be a ``model.*`` key (the only section a loaded model has)."""
+    from maskrcnn.config import ConfigError
+
+    for item in args.overrides:
+        if not item.split("=", 1)[0].strip().startswith("model."):
+            raise ConfigError(f"--set {item}: only model.* test-time keys apply to a loaded model")
+    model_config = _load_config(args.config).model if args.config else None
+    return _inference_model(args, device, model_config, args.overrides)
+
+
 def _add_test_settings_arg(p: argparse.ArgumentParser) -> None:
     """``--set KEY=VALUE ...``: test-time keys of the loaded model (predict, serve; ``eval`` takes them as its
     positional overrides)."""
@@ -332,16 +342,6 @@ def _add_test_settings_arg(p: argparse.ArgumentParser) -> None:
         "maskrcnn.config.TEST_TIME_KEYS; a key the weights depend on is refused). It takes every word "
         "after it up to the next option: put it after the images",
     )
-
-
-def _test_settings(args) -> list[str]:
-    """``--set``'s items, each a ``model.*`` key (the only section a loaded model has)."""
-    from maskrcnn.config import ConfigError
-
-    for item in args.overrides:
-        if not item.split("=", 1)[0].strip().startswith("model."):
-            raise ConfigError(f"--set {item}: only model.* test-time keys apply to a loaded model")
-    return args.overrides
 
 
 def _class_names(args):

@@ -138,8 +138,9 @@ class ModelConfig:
 
 
 #: Model keys that change only how a trained model runs, not what its weights mean (detectron2's ``*_TEST``
-#: settings): ``maskrcnn eval`` applies them to a checkpoint's own config (``weights.apply_test_settings``);
-#: other model keys are refused there. A new key that only affects inference belongs here.
+#: settings): ``maskrcnn eval`` (and predict and serve, after ``--set``) applies them to a checkpoint's own
+#: config (``weights.apply_test_settings``); other model keys are refused there. A new key that only affects
+#: inference belongs here.
 TEST_TIME_KEYS = (
     "model.input.min_size",
     "model.input.max_size",

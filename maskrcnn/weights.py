@@ -16,6 +16,7 @@ nothing is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -24,7 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.atomic import atomic_write
-from maskrcnn.config import TEST_TIME_KEYS, ModelConfig, config_from_dict, config_to_dict, get_config
+from maskrcnn.config import (
+    TEST_TIME_KEYS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    get_config,
+)
 
 __all__ = [
     "apply_test_settings",
@@ -248,9 +258,6 @@ def apply_test_settings(model: nn.Module, overrides: list[str]) -> nn.Module:
     sections are ignored here. Returns ``model`` itself when nothing changes, else a model rebuilt from the
     new config with the same weights, metadata, device and eval mode (set its precision after this).
     """
-    import dataclasses
-
-    from maskrcnn.config import Config, ConfigError, apply_overrides
     from maskrcnn.engine.checkpoint import config_differences
     from maskrcnn.modeling.build import build_model
 
@@ -299,7 +306,6 @@ def load_model(
     Every key and shape must match (:func:`load_state_dict_strict`); otherwise nothing is loaded and the
     error names the file and the first offending keys.
     """
-    from maskrcnn.config import ConfigError
     from maskrcnn.modeling.build import build_model
 
     source = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "state_dict"
