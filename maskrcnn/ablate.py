@@ -20,7 +20,10 @@ Output (``--output-dir``, default ``runs/ablate``): ``data/`` (the shapes data),
 (each a resumable training run with its ``result.json``), ``ablations.json`` (every run's metrics),
 ``ablations.md`` (a table per paper table: mean +- std over seeds beside the paper's numbers, and whether
 the paper's direction holds) and ``ablations.png`` (mask AP and AP75 per variant). A finished run is not
-run again; an interrupted one resumes from its last checkpoint, so rerunning the same command continues.
+run again; an interrupted one resumes from its last checkpoint, so rerunning the same command continues. A
+finished run asked for on another val split (``--num-val``) is evaluated again from its ``model_final.pt``
+(into ``eval_val<N>/``; its ``result.json`` keeps the earlier scores), not retrained; runs of another
+schedule or training set (``--iters``, ``--num-train``) are refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -206,17 +209,56 @@ def _unique_variants(tables: list[Table]) -> list[Variant]:
 
 
 def _read_result(path: str, expected: dict) -> dict | None:
-    """A finished run's ``result.json``, or None if there is none. A result of other settings (another
-    ``--iters``, another variant definition) raises ``ValueError`` naming the file: never mixed in."""
+    """A finished run's ``result.json``, or None if there is none. A result of other training settings
+    (another ``--iters`` or ``--num-train``, another variant definition) raises ``ValueError`` naming the
+    file: never mixed in. (Its ``num_val`` may differ: such a run is evaluated again, not retrained.)"""
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
         result = json.load(fh)
     differing = [k for k, v in expected.items() if result.get(k) != v]
     if differing:
-        shown = ", ".join(f"{k}: {result.get(k)!r} here, {expected[k]!r} asked" for k in differing)
-        raise ValueError(f"{path} holds a run of other settings ({shown}); use another --output-dir")
+        shown = ", ".join(
+            f"{k}: {'not recorded' if k not in result else repr(result[k])} here, {expected[k]!r} asked"
+            for k in differing
+        )
+        hint = (
+            "; add the value you ran it with to the file if you know it"
+            if any(k not in result for k in differing)
+            else ""
+        )
+        raise ValueError(f"{path} holds a run of other settings ({shown}); use another --output-dir{hint}")
     return result
+
+
+def _scores(metrics: dict) -> dict:
+    """The box and mask AP, AP50 and AP75 of an evaluation's metrics (fractions)."""
+    return {task: {k: metrics[task][k] for k in _METRICS} for task in ("bbox", "segm")}
+
+
+def _evaluate_again(run_dir: str, cfg: Config, num_val: int) -> dict:
+    """Box and mask metrics of a finished run's ``model_final.pt`` on the val split of ``cfg`` (now
+    ``num_val`` images), written to ``run_dir/eval_val<num_val>/`` (the run's own ``eval_final/`` is kept)."""
+    from maskrcnn.data.coco import CocoDataset
+    from maskrcnn.engine.distributed import resolve_device
+    from maskrcnn.engine.evaluate import evaluate
+    from maskrcnn.weights import load_model
+
+    weights = os.path.join(run_dir, "model_final.pt")
+    if not os.path.isfile(weights):
+        raise ValueError(
+            f"{weights} is missing: the finished run cannot be evaluated on {num_val} val images"
+        )
+    model = load_model(weights, device=str(resolve_device(cfg.device)))
+    dataset = CocoDataset(image_dir=cfg.data.val_images, annotation_file=cfg.data.val_annotations)
+    return evaluate(  # as the run's own final evaluation did (one process: its whole batch)
+        model,
+        dataset,
+        batch_size=cfg.solver.ims_per_batch,
+        num_workers=cfg.data.num_workers,
+        output_dir=os.path.join(run_dir, f"eval_val{num_val}"),
+        progress=False,
+    )
 
 
 def _calibrate(cfgs: dict[str, Config], steps: int = 2) -> dict[str, float]:
@@ -276,21 +318,32 @@ def run_ablation(
         raise ValueError(f"--seeds and --iters must be >= 1, got {seeds} and {iters}")
     variants = _unique_variants(tables)
     runs = [(v, s) for v in variants for s in range(seeds)]
-    print(f"[ablate] synthetic shapes data -> {os.path.join(output_dir, 'data')}")
-    make_shapes_dataset(
-        os.path.join(output_dir, "data"), num_train=num_train, num_val=num_val, image_size=(256, 256), seed=0
-    )
 
     def run_dir(v: Variant, s: int) -> str:
         return os.path.join(output_dir, "runs", f"{v.key}-s{s}")
 
     def settings(v: Variant, s: int) -> dict:
-        return {"variant": v.key, "overrides": list(v.overrides), "seed": s, "iters": iters}
+        return {
+            "variant": v.key,
+            "overrides": list(v.overrides),
+            "seed": s,
+            "iters": iters,
+            "num_train": num_train,
+        }
 
     done = {
         (v.key, s): _read_result(os.path.join(run_dir(v, s), "result.json"), settings(v, s)) for v, s in runs
     }
     todo = [(v, s) for v, s in runs if done[(v.key, s)] is None]
+    # the data after the results are read: a folder of other settings is refused before anything is written
+    print(f"[ablate] synthetic shapes data -> {os.path.join(output_dir, 'data')}")
+    make_shapes_dataset(
+        os.path.join(output_dir, "data"), num_train=num_train, num_val=num_val, image_size=(256, 256), seed=0
+    )
+    # finished runs scored on another val split (another --num-val): their final model is evaluated again
+    again = [
+        (v, s) for v, s in runs if done[(v.key, s)] is not None and done[(v.key, s)].get("num_val") != num_val
+    ]
     if todo:
         per_iter = _calibrate(
             {
@@ -306,6 +359,27 @@ def run_ablation(
             f"{max(per_iter.values()):.2f} s per iteration measured here: about {estimate / 60:.0f} min"
             f" for the {len(todo)} to run"
         )
+    if again:
+        print(
+            f"[ablate] {len(again)} finished run(s) were scored on another val split: evaluating their final"
+            f" models on these {num_val} val images (not retraining)"
+        )
+    for i, (v, s) in enumerate(again):
+        cfg = ablation_config(output_dir, iters=iters, seed=s, overrides=v.overrides, device=device)
+        t0 = time.time()
+        metrics = _evaluate_again(run_dir(v, s), cfg, num_val)
+        previous = done[(v.key, s)]
+        earlier = {k: previous[k] for k in ("num_val", "bbox", "segm") if k in previous}
+        record = {
+            **previous,
+            "num_val": num_val,
+            **_scores(metrics),
+            "earlier_evals": [*previous.get("earlier_evals", []), earlier],
+        }
+        with atomic_write(os.path.join(run_dir(v, s), "result.json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+        done[(v.key, s)] = record
+        print(f"[ablate] evaluated {i + 1}/{len(again)}: {v.key} (seed {s}) in {time.time() - t0:.0f} s")
     start = time.time()
     for i, (v, s) in enumerate(todo):
         elapsed = time.time() - start
@@ -318,8 +392,8 @@ def run_ablation(
         record = {
             **settings(v, s),
             "minutes": round((time.time() - t0) / 60, 2),
-            "bbox": {k: result["eval"]["bbox"][k] for k in _METRICS},
-            "segm": {k: result["eval"]["segm"][k] for k in _METRICS},
+            "num_val": num_val,
+            **_scores(result["eval"]),
         }
         with atomic_write(os.path.join(run_dir(v, s), "result.json"), "w") as fh:
             json.dump(record, fh, indent=1)

@@ -574,7 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/ablate", help="default: runs/ablate")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, default), cpu, cuda, cuda:1 ...")
     p.add_argument("--num-train", type=int, default=400, help="synthetic training images (default 400)")
-    p.add_argument("--num-val", type=int, default=50, help="synthetic val images (default 50)")
+    p.add_argument(
+        "--num-val",
+        type=int,
+        default=50,
+        help="synthetic val images (default 50); finished runs of another --num-val are evaluated again"
+        " from their final weights, not retrained",
+    )
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("configs", help="list the model presets and every config key with its default")

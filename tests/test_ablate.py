@@ -138,3 +138,37 @@ def test_ablate_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
     assert main(["ablate", "--table", "2b", "--seeds", "1", "--iters", "4", "--output-dir", out] + small) == 2
     err = capsys.readouterr().err
     assert "result.json holds a run of other settings (iters: 3 here, 4 asked)" in err
+
+    # another training set in the same folder: refused before the data folder is touched
+    meta = (tmp_path / "abl" / "data" / "meta.json").read_bytes()
+    other = ["--num-train", "10", "--num-val", "4", "--device", "cpu"]
+    assert main(args + other) == 2
+    assert "(num_train: 8 here, 10 asked)" in capsys.readouterr().err
+    assert (tmp_path / "abl" / "data" / "meta.json").read_bytes() == meta
+
+    # another val split: the finished runs' final models are evaluated again, not retrained
+    def state(run):
+        d = os.path.join(out, "runs", run)
+        return json.load(open(os.path.join(d, "result.json"))), os.path.getmtime(
+            os.path.join(d, "model_final.pt")
+        )
+
+    before = {r["variant"]: state(f"{r['variant']}-s0") for r in summary["runs"]}
+    assert main(args + ["--num-train", "8", "--num-val", "6", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 finished run(s) were scored on another val split" in printed and "run 1/" not in printed
+    for variant, (result, mtime) in before.items():
+        now, now_mtime = state(f"{variant}-s0")
+        assert now_mtime == mtime and now["minutes"] == result["minutes"]
+        assert now["num_val"] == 6 and now["earlier_evals"] == [
+            {"num_val": 4, "bbox": result["bbox"], "segm": result["segm"]}
+        ]
+        assert os.path.isfile(os.path.join(out, "runs", f"{variant}-s0", "eval_val6", "metrics.json"))
+    assert json.load(open(os.path.join(out, "ablations.json")))["num_val"] == 6
+    # back to the first 4 images (the generator draws each image from its own seed): the training run's
+    # own final evaluation, to the last digit
+    assert main(args + small) == 0
+    for variant, (result, _) in before.items():
+        now, _ = state(f"{variant}-s0")
+        assert (now["num_val"], now["bbox"], now["segm"]) == (4, result["bbox"], result["segm"])
+        assert [e["num_val"] for e in now["earlier_evals"]] == [4, 6]
