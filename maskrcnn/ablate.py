@@ -164,6 +164,8 @@ TABLES: dict[str, Table] = {
                 dataclasses.replace(_BASE, label="FCN (4 convs + deconv)", paper=(33.6, 55.2, 35.3)),
             ),
             claims=(("align-avg", "mlp", ">"),),
+            note="The FCN's convolutions are 32 wide here (the paper: 256); the MLP's layers 1024, as in the"
+            " paper.",
         ),
     )
 }
@@ -180,6 +182,9 @@ def ablation_config(output_dir: str, *, iters: int, seed: int, overrides=(), dev
     cfg = demo_config(output_dir)
     cfg.model.backbone.base_channels = 32
     cfg.model.roi_heads.aligned = False
+    # pinned (as the demo's; the first tables in benchmarks/RESULTS.md were trained 64 wide) so that a change
+    # to the demo does not change the ablation unseen; a finished run of another model is refused
+    cfg.model.roi_heads.mask_head_channels = 32
     s = cfg.solver
     s.max_iter = iters
     s.warmup_iters = min(50, max(1, iters // 5))
@@ -206,6 +211,32 @@ def _unique_variants(tables: list[Table]) -> list[Variant]:
         for v in t.variants:
             seen.setdefault(v.key, v)
     return list(seen.values())
+
+
+def _check_run_config(run_dir: str, cfg: Config) -> None:
+    """Refuse (``ValueError`` naming the file and keys) a finished run whose saved ``config.yaml`` has another
+    model, solver or seed than ``cfg``: the variants' definitions or the demo's model may have changed since
+    it was trained. Paths and the device may differ (a moved folder, another machine)."""
+    import yaml
+
+    from maskrcnn.engine.checkpoint import config_differences
+
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path) as fh:
+            saved = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(
+            f"{path}: cannot read the finished run's config ({e}); use another --output-dir"
+        ) from None
+    now = dataclasses.asdict(cfg)
+    keys = ("model", "solver", "seed")
+    changed = config_differences({k: saved.get(k) for k in keys}, {k: now[k] for k in keys})
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ValueError(
+            f"{path}: the finished run was trained with other settings ({shown}); use another --output-dir"
+        )
 
 
 def _read_result(path: str, expected: dict) -> dict | None:
@@ -334,6 +365,11 @@ def run_ablation(
     done = {
         (v.key, s): _read_result(os.path.join(run_dir(v, s), "result.json"), settings(v, s)) for v, s in runs
     }
+    for v, s in runs:
+        if done[(v.key, s)] is not None:
+            _check_run_config(
+                run_dir(v, s), ablation_config(output_dir, iters=iters, seed=s, overrides=v.overrides)
+            )
     todo = [(v, s) for v, s in runs if done[(v.key, s)] is None]
     # the data after the results are read: a folder of other settings is refused before anything is written
     print(f"[ablate] synthetic shapes data -> {os.path.join(output_dir, 'data')}")

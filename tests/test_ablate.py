@@ -172,3 +172,14 @@ def test_ablate_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
         now, _ = state(f"{variant}-s0")
         assert (now["num_val"], now["bbox"], now["segm"]) == (4, result["bbox"], result["segm"])
         assert [e["num_val"] for e in now["earlier_evals"]] == [4, 6]
+
+    # a finished run of another model (the variants' definitions or the demo's model changed since): refused
+    saved = os.path.join(out, "runs", "softmax-s0", "config.yaml")
+    text = open(saved).read()
+    assert "mask_head_channels: 32\n" in text
+    with open(saved, "w") as fh:
+        fh.write(text.replace("mask_head_channels: 32\n", "mask_head_channels: 64\n"))
+    assert main(args + small) == 2
+    err = capsys.readouterr().err
+    assert "softmax-s0/config.yaml: the finished run was trained with other settings" in err
+    assert "model.roi_heads.mask_head_channels: 64 -> 32" in err
