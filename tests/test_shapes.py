@@ -42,6 +42,17 @@ def test_deterministic_bytes_and_seed_changes_them(shapes, tmp_path):
     assert sum(a[k] != c[k] for k in images) == len(images)
 
 
+def test_same_bytes_with_one_drawing_thread_or_several(shapes, tmp_path, monkeypatch):
+    from maskrcnn.data import synthetic
+
+    root, _ = shapes
+    monkeypatch.setattr(synthetic, "_workers", lambda: 1)
+    make_shapes_dataset(str(tmp_path / "one"), seed=0, **SMALL)
+    monkeypatch.setattr(synthetic, "_workers", lambda: 5)
+    make_shapes_dataset(str(tmp_path / "five"), seed=0, **SMALL)
+    assert _files(tmp_path / "one") == _files(tmp_path / "five") == _files(root)
+
+
 def test_reused_when_complete_regenerated_otherwise(shapes, tmp_path):
     root = tmp_path / "d"
     paths = make_shapes_dataset(str(root), seed=0, **SMALL)
