@@ -176,10 +176,10 @@ def test_ablate_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
     # a finished run of another model (the variants' definitions or the demo's model changed since): refused
     saved = os.path.join(out, "runs", "softmax-s0", "config.yaml")
     text = open(saved).read()
-    assert "mask_head_channels: 32\n" in text
+    assert "mask_head_channels: 64\n" in text
     with open(saved, "w") as fh:
-        fh.write(text.replace("mask_head_channels: 32\n", "mask_head_channels: 64\n"))
+        fh.write(text.replace("mask_head_channels: 64\n", "mask_head_channels: 32\n"))
     assert main(args + small) == 2
     err = capsys.readouterr().err
     assert "softmax-s0/config.yaml: the finished run was trained with other settings" in err
-    assert "model.roi_heads.mask_head_channels: 64 -> 32" in err
+    assert "model.roi_heads.mask_head_channels: 32 -> 64" in err
