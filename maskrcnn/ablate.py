@@ -36,7 +36,7 @@ import statistics
 import time
 
 from maskrcnn.atomic import atomic_write
-from maskrcnn.config import Config, apply_overrides
+from maskrcnn.config import Config, ConfigError, ModelConfig, SolverConfig, apply_overrides, config_from_dict
 
 __all__ = ["TABLES", "Variant", "Table", "ablation_config", "run_ablation", "write_report"]
 
@@ -230,8 +230,6 @@ def _check_run_config(run_dir: str, cfg: Config) -> None:
         raise ValueError(
             f"{path}: cannot read the finished run's config ({e}); use another --output-dir"
         ) from None
-    from maskrcnn.config import ConfigError, ModelConfig, SolverConfig, config_from_dict
-
     try:  # keys added since it was written read as their defaults, as when its checkpoint is loaded
         then = {
             "model": dataclasses.asdict(config_from_dict(saved.get("model") or {}, ModelConfig())),

@@ -199,6 +199,13 @@ def _save_cache(file: str, new: dict, dropped: set) -> None:
         logger.warning("could not write the image check cache %s: %s", file, e)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _decoded_size(path: str) -> tuple[int, int]:
     arr = decode_image(path)
     return int(arr.shape[0]), int(arr.shape[1])
@@ -261,8 +268,7 @@ def check_images(
             return e
 
     if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(16, cores)
+        workers = min(16, usable_cores())
     workers = max(1, min(int(workers), len(todo)))
     start = time.perf_counter()
     new: dict[str, list[int]] = {}

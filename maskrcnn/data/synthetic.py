@@ -34,6 +34,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from maskrcnn.atomic import atomic_write
+from maskrcnn.data.images import usable_cores
 
 __all__ = ["instance_record", "polygon_mask", "textured_background", "write_dataset"]
 
@@ -49,11 +50,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 def _workers() -> int:
     """Threads for drawing images: the cores this process may use, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return min(8, usable_cores())
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
