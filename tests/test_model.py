@@ -252,6 +252,55 @@ SEEDED_LOSSES = {
 }
 
 
+@pytest.mark.parametrize(
+    ("device", "capability", "training", "expected"),
+    [
+        ("cpu", "AVX2", False, torch.channels_last),
+        ("cpu", "AVX512", False, torch.channels_last),
+        ("cpu", "AVX2", True, torch.contiguous_format),
+        ("cpu", "AVX512", True, torch.channels_last),
+        ("cpu", "DEFAULT", True, torch.contiguous_format),
+        ("cuda", "AVX2", True, torch.channels_last),
+    ],
+)
+def test_fast_layout_trains_nchw_where_the_nhwc_backward_is_slow(
+    monkeypatch, device, capability, training, expected
+):
+    from maskrcnn.modeling.rcnn import fast_layout
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert fast_layout(torch.device(device), training=training) == expected
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_train_and_eval_switch_the_layout_in_place_and_keep_the_losses(monkeypatch, capability):
+    """train() / eval() move the parameters into the mode's layout (the same Parameter objects, so an
+    optimizer keeps them); both layouts give the same losses and gradients (float64: see TOL64)."""
+    from maskrcnn.modeling.rcnn import fast_layout
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    torch.manual_seed(0)
+    model = build_model(tiny(get_config("R-18-FPN-small"))).double()
+    params = [id(p) for p in model.parameters()]
+    conv = model.backbone.body.layer2[0].conv1.weight
+    image, target = to_float64(*make_sample())
+    results = {}
+    for fast in (True, False):
+        model.set_fast_inference(fast).train()
+        layout = fast_layout(torch.device("cpu"), training=True) if fast else torch.contiguous_format
+        assert conv.is_contiguous(memory_format=layout)
+        model.zero_grad()
+        torch.manual_seed(1)
+        losses = model([image], [target])
+        sum(losses.values()).backward()
+        results[fast] = ({k: v.item() for k, v in losses.items()}, conv.grad.clone())
+        model.eval()
+        assert conv.is_contiguous(memory_format=torch.channels_last if fast else torch.contiguous_format)
+    assert [id(p) for p in model.parameters()] == params
+    assert results[True][0] == pytest.approx(results[False][0], rel=TOL64)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=TOL64, atol=TOL64)
+
+
 def test_batched_inference_equals_one_at_a_time():
     torch.manual_seed(0)
     # a batch of two and two batches of one run the convolutions on other shapes (other kernels and

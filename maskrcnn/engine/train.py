@@ -164,7 +164,7 @@ def _train(cfg: Config, rank, world_size, device, resume, overwrite, dataset, mo
     describe = getattr(dataset, "metadata", None)
     if callable(describe):  # the labels' names and category ids travel with the checkpoints
         model.metadata = check_metadata(describe(), cfg.model, source=cfg.data.train_annotations or "dataset")
-    model.to(device)
+    model.to(device).train()  # train(): the training layout, before DDP records the parameters' strides
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay

@@ -7,7 +7,24 @@ from torch import Tensor, nn
 
 from maskrcnn.modeling.transform import ImageBatch, ImageTransform
 
-__all__ = ["MaskRCNN"]
+__all__ = ["MaskRCNN", "fast_layout"]
+
+
+def fast_layout(device: torch.device, *, training: bool) -> torch.memory_format:
+    """The memory layout of the fast mode's convolutions on ``device``.
+
+    Channels-last (NHWC) for inference, where it is the faster one on every CPU measured and on tensor-core
+    GPUs, and for training on CUDA and on CPUs with AVX-512. NCHW for training on other CPUs: on AVX2,
+    oneDNN's NHWC backward kernels take 1.5-2x the NCHW time (a 3x3 256-channel convolution at P2: 1.95 s
+    against 0.94 s), which costs a whole training iteration more than the faster NHWC forward saves
+    (benchmarks/RESULTS.md, "Training (CPU)").
+    """
+    if not training:
+        return torch.channels_last
+    if device.type == "cpu":
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        return torch.channels_last if avx512 else torch.contiguous_format
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 class MaskRCNN(nn.Module):
@@ -50,10 +67,11 @@ class MaskRCNN(nn.Module):
     def set_fast_inference(self, enabled: bool) -> MaskRCNN:
         """Fast (default) or exact arithmetic.
 
-        Fast: convolutions in channels-last (NHWC) layout, the faster one on CPUs and tensor-core GPUs, and
-        frozen BatchNorms folded into their convolutions when autograd is off. Exact: NCHW and unfolded, the
-        same float operations as torchvision's model, for bit-level comparisons (the fast path differs by
-        float rounding, which can flip near-tied proposals of random-weight models). Returns ``self``.
+        Fast: convolutions in the layout that is faster on the parameters' device (see :func:`fast_layout`:
+        channels-last (NHWC) for inference; for training where its backward is fast too), and frozen
+        BatchNorms folded into their convolutions when autograd is off. Exact: NCHW and unfolded, the same
+        float operations as torchvision's model, for bit-level comparisons (the fast path differs by float
+        rounding, which can flip near-tied proposals of random-weight models). Returns ``self``.
         """
         from maskrcnn.modeling.backbone import FrozenBatchNorm2d
 
@@ -61,7 +79,25 @@ class MaskRCNN(nn.Module):
         for module in self.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 module.fold = self.fast_inference
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._layout = None
+        return self._use_layout()
+
+    def train(self, mode: bool = True) -> MaskRCNN:
+        """``nn.Module.train``, and the layout for the mode (:func:`fast_layout`), so that it is in place
+        before a wrapper such as DistributedDataParallel records the parameters' strides."""
+        super().train(mode)
+        return self._use_layout()
+
+    def _use_layout(self) -> MaskRCNN:
+        """Put the parameters into the layout of the current mode, device and setting (no-op if there)."""
+        device = next(self.parameters()).device
+        layout = (
+            fast_layout(device, training=self.training) if self.fast_inference else torch.contiguous_format
+        )
+        if layout != getattr(self, "_layout", None):
+            self.to(memory_format=layout)
+            self._layout = layout
+        return self
 
     def set_precision(self, precision: str, *, force: bool = False) -> MaskRCNN:
         """Inference in ``"bf16"`` (or ``"fp16"`` on CUDA) for the backbone and the heads' heavy layers,
@@ -80,8 +116,10 @@ class MaskRCNN(nn.Module):
         if targets is not None:
             _check_targets(targets, len(images))
         resized, targets = self.transform.resize(images, targets)
+        self._use_layout()  # the model may have moved to another device since train() / eval()
+        channels_last = self._layout == torch.channels_last
         if self.training:
-            _, losses = self._detect(self.transform.pad(resized, channels_last=self.fast_inference), targets)
+            _, losses = self._detect(self.transform.pad(resized, channels_last=channels_last), targets)
             return losses
         # Inference batches only images of the same padded size: zero padding changes the features near
         # the border, so this is what makes a result independent of the other images in the call.
@@ -90,7 +128,7 @@ class MaskRCNN(nn.Module):
             groups.setdefault(self.transform.padded_size(tuple(im.shape[-2:])), []).append(i)
         results: list[dict] = [{} for _ in images]
         for members in groups.values():
-            batch = self.transform.pad([resized[i] for i in members], channels_last=self.fast_inference)
+            batch = self.transform.pad([resized[i] for i in members], channels_last=channels_last)
             detections, _ = self._detect(batch, None)
             originals = [(int(images[i].shape[-2]), int(images[i].shape[-1])) for i in members]
             for i, det in zip(members, self.transform.postprocess(detections, batch.image_sizes, originals)):
@@ -98,7 +136,7 @@ class MaskRCNN(nn.Module):
         return results
 
     def _detect(self, batch: ImageBatch, targets: list[dict] | None) -> tuple[list[dict], dict[str, Tensor]]:
-        features = self.backbone(batch.tensor)  # NHWC in memory in fast mode (see set_fast_inference)
+        features = self.backbone(batch.tensor)  # in the batch's layout (see fast_layout)
         proposals, rpn_losses = self.rpn(
             features=[features[k] for k in self.rpn_features],
             image_size=batch.padded_size,
