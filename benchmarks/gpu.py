@@ -22,7 +22,7 @@ after each):
    host-device synchronisations of one batch-1 call (``torch.cuda.set_sync_debug_mode``), and ours against
    torchvision's detections in float32 (count, labels, largest box and score difference);
 3. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
-   bf16 autocast;
+   bf16 autocast, and ours in NCHW without AMP (is channels-last, ``fast_layout``'s CUDA choice, right?);
 4. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
    forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
    NMS keeps the same boxes as torchvision's or the script says so;
@@ -316,9 +316,9 @@ def part_train(args, device, tv) -> list[str]:
     if device.type != "cuda":
         return ["(CUDA only: benchmarks/train.py times the CPU through tvref)"]
     lines = []
-    for amp in ("off", "bfloat16"):
+    for amp, layout in (("off", []), ("bfloat16", []), ("off", ["--nchw"])):  # ours: channels-last, NCHW
         cmd = [sys.executable, "benchmarks/train.py", "--device", "cuda", "--batch", "8", "--size", "800"]
-        cmd += ["--iters", "10", "--amp", amp]
+        cmd += ["--iters", "10", "--amp", amp, *layout]
         proc = _run(cmd, timeout=150)
         lines += ["", f"`{' '.join(cmd[1:])}` (exit {proc.returncode})", "", proc.stdout.strip()]
         if proc.returncode:

@@ -5,9 +5,12 @@ FPN channels, frozen BatchNorm, stem and res2 frozen), two 1024-d box FCs, the f
 batches of synthetic images (shapes with random colours on noise, elliptical masks), at a short side of
 --size. One iteration = forward, backward of the summed losses and an SGD step. The two models alternate
 iteration by iteration; reported: median (min-max) seconds per iteration after --warmup iterations, and the
-process's peak RSS (VmHWM, reset before each model's measured pass).
+process's peak RSS (VmHWM, reset before each model's measured pass). Ours trains in the layout its fast
+mode picks for the device (``maskrcnn.modeling.rcnn.fast_layout``: NCHW on CPUs without AVX-512,
+channels-last elsewhere), or in NCHW with --nchw; the header names it. torchvision trains in NCHW.
 
     /tmp/tvref-venv/bin/python benchmarks/train.py [--iters 10] [--batch 2] [--size 512] [--threads 2]
+        [--nchw]
 
 With a CUDA torchvision install (the lent GPU machine) ``--device cuda`` times the R-50-FPN instead, with
 and without mixed precision (--amp bfloat16|float16).
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bfloat16", "float16"])
+    ap.add_argument("--nchw", action="store_true", help="ours in NCHW (exact mode) whatever the device")
     args = ap.parse_args()
     import torch
 
@@ -101,10 +105,11 @@ def main() -> int:
     cfg.backbone.name = depth
     cfg.num_classes = args.num_classes
     cfg.input.min_size, cfg.input.max_size = (args.size,), 2 * args.size
-    ours = build_model(cfg)
+    ours = build_model(cfg).set_fast_inference(not args.nchw)
     sd = torchvision_to_maskrcnn(theirs.state_dict())
     ours.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
     models = {"maskrcnn": ours.to(device).train(), "torchvision": theirs.to(device).train()}
+    ours_layout = "channels-last" if ours.layout == torch.channels_last else "NCHW"
     optims = {
         k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
         for k, m in models.items()
@@ -150,7 +155,7 @@ def main() -> int:
                     torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _peak_gib()
                 )
     size = f"{args.size}x{int(args.size * 4 / 3)}"
-    what = f"{depth}-FPN, batch {args.batch} at {size}, {args.device}, amp {args.amp}"
+    what = f"{depth}-FPN, batch {args.batch} at {size}, {args.device}, amp {args.amp}, ours in {ours_layout}"
     print(
         f"training: {what}; torch {torch.__version__}, torchvision {tv.__version__}, {args.threads} threads"
     )

@@ -288,7 +288,7 @@ def test_train_and_eval_switch_the_layout_in_place_and_keep_the_losses(monkeypat
     for fast in (True, False):
         model.set_fast_inference(fast).train()
         layout = fast_layout(torch.device("cpu"), training=True) if fast else torch.contiguous_format
-        assert conv.is_contiguous(memory_format=layout)
+        assert model.layout == layout and conv.is_contiguous(memory_format=layout)
         model.zero_grad()
         torch.manual_seed(1)
         losses = model([image], [target])

@@ -82,6 +82,11 @@ class MaskRCNN(nn.Module):
         self._layout = None
         return self._use_layout()
 
+    @property
+    def layout(self) -> torch.memory_format:
+        """The parameters' memory layout now: ``torch.channels_last`` or ``torch.contiguous_format``."""
+        return self._layout
+
     def train(self, mode: bool = True) -> MaskRCNN:
         """``nn.Module.train``, and the layout for the mode (:func:`fast_layout`), so that it is in place
         before a wrapper such as DistributedDataParallel records the parameters' strides."""
@@ -94,7 +99,7 @@ class MaskRCNN(nn.Module):
         layout = (
             fast_layout(device, training=self.training) if self.fast_inference else torch.contiguous_format
         )
-        if layout != getattr(self, "_layout", None):
+        if layout != self._layout:
             self.to(memory_format=layout)
             self._layout = layout
         return self
