@@ -1,12 +1,13 @@
 """Convolution forward and backward on this CPU, NCHW against channels-last: where the demo's backward goes.
 
-Times, as medians of --runs after --warmup: one 3x3 64->64 convolution on 4 x 64 x 64 (the demo's res2 and
-P2 size) forward, backward for the input gradient only and for the weight gradient only (each through
-``torch.autograd.grad`` with the other not required), and the demo's whole backbone (ResNet-18 + FPN 64,
-BatchNorm in training mode, batch 4 x 256 x 256) forward and backward. Both memory layouts alternate run by
-run, so machine noise hits both alike.
+Times, as medians of --runs after --warmup: a 3x3 C->C convolution on N x C x H x W for each --shape C N H W
+(default 64 4 64 64: the demo's res2 and P2 size; 256 2 128 176 is benchmarks/train.py's P2) forward,
+backward for the input gradient only and for the weight gradient only (each through ``torch.autograd.grad``
+with the other not required), and the demo's whole backbone (ResNet-18 + FPN 64, BatchNorm in training
+mode, batch 4 x 256 x 256) forward and backward. Both memory layouts alternate run by run, so machine noise
+hits both alike. Which layout training uses per CPU: ``maskrcnn.modeling.rcnn.fast_layout``.
 
-    .venv/bin/python benchmarks/conv_backward.py [--runs 20] [--warmup 3]
+    .venv/bin/python benchmarks/conv_backward.py [--runs 20] [--warmup 3] [--shape C N H W ...]
 """
 
 from __future__ import annotations
@@ -35,16 +36,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--shape", type=int, nargs=4, action="append", metavar=("C", "N", "H", "W"))
     args = ap.parse_args()
+    shapes = args.shape or [[64, 4, 64, 64]]
     torch.manual_seed(0)
     layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
 
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
-    x = torch.rand(4, 64, 64, 64)
+    convs = [
+        (
+            torch.nn.Conv2d(c, c, 3, padding=1, bias=False),
+            torch.rand(n, c, h, w),
+            f"{c}->{c} on {n} x {h} x {w}",
+        )
+        for c, n, h, w in shapes
+    ]
     backbone = build_model(demo_config("unused").model).train().backbone
     images = torch.rand(4, 3, 256, 256)
 
-    def conv_parts(fmt):
+    def conv_parts(conv, x, fmt):
         c = conv.to(memory_format=fmt)
         xi = x.contiguous(memory_format=fmt)
         g = torch.ones_like(c(xi))
@@ -56,9 +65,9 @@ def main() -> None:
         with torch.no_grad():
             forward = _timed(lambda: c(xi))
         return {
-            "conv forward": forward,
-            "conv backward, input gradient": data - forward,
-            "conv backward, weight gradient": weights - forward,
+            "forward": forward,
+            "backward, input gradient": data - forward,
+            "backward, weight gradient": weights - forward,
         }
 
     def backbone_parts(fmt):
@@ -73,7 +82,10 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     for i in range(args.warmup + args.runs):
         for name, fmt in layouts.items():
-            parts = {**conv_parts(fmt), **backbone_parts(fmt)}
+            parts = {}
+            for conv, x, what in convs:
+                parts.update({f"conv 3x3 {what}, {k}": v for k, v in conv_parts(conv, x, fmt).items()})
+            parts.update(backbone_parts(fmt))
             if i >= args.warmup:
                 for k, v in parts.items():
                     rows.setdefault(k, {}).setdefault(name, []).append(v)

@@ -316,7 +316,11 @@ def part_train(args, device, tv) -> list[str]:
     if device.type != "cuda":
         return ["(CUDA only: benchmarks/train.py times the CPU through tvref)"]
     lines = []
-    for amp, layout in (("off", []), ("bfloat16", []), ("off", ["--nchw"])):  # ours: channels-last, NCHW
+    for amp, layout in (
+        ("off", []),
+        ("bfloat16", []),
+        ("off", ["--layout", "nchw"]),
+    ):  # ours: channels-last, NCHW
         cmd = [sys.executable, "benchmarks/train.py", "--device", "cuda", "--batch", "8", "--size", "800"]
         cmd += ["--iters", "10", "--amp", amp, *layout]
         proc = _run(cmd, timeout=150)

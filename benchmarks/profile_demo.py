@@ -9,7 +9,10 @@ whole iterations (forward and backward together) by self CPU time, from torch.pr
 convolutions' forward and backward grouped by shape (which layer costs what).
 
     .venv/bin/python benchmarks/profile_demo.py [--iters 20] [--warmup 5] [--ops] [--weights W] \
-        [KEY=VALUE ...]
+        [--layout auto|nchw|channels-last] [KEY=VALUE ...]
+
+--layout sets the training layout (default: ``maskrcnn.modeling.rcnn.fast_layout``'s choice for this CPU);
+the report's first line names the one in effect.
 
 --weights starts from a trained checkpoint of the same model (e.g. a demo run's ``train/model_final.pt``)
 instead of the initialisation: late in training most proposals overlap objects, so the RoI heads see many
@@ -30,6 +33,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from benchmarks.train import LAYOUTS, training_layout  # noqa: E402
 
 STAGES = {
     "backbone.body": "backbone: ResNet body",
@@ -60,6 +65,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--ops", action="store_true", help="also the top operators (torch.profiler)")
     ap.add_argument("--weights", help="a checkpoint of the same model to start from (default: its init)")
+    ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="the training layout")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
 
@@ -67,7 +73,9 @@ def main() -> None:
     cfg = apply_overrides(demo_config(tmp), args.overrides)
     make_shapes_dataset(os.path.join(tmp, "data"), num_train=64, num_val=0, image_size=(256, 256), seed=0)
     torch.manual_seed(0)
-    model = build_model(cfg.model).train()
+    model = build_model(cfg.model)
+    model.training_layout = training_layout(args.layout)
+    model.train()
     if args.weights:
         from maskrcnn.weights import load_state_dict_strict, read_checkpoint
 
@@ -144,7 +152,11 @@ def main() -> None:
     recorded = positives[-args.iters :]
 
     total = statistics.median(rows["whole iteration"])
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, {args.iters} iterations, medians")
+    layout = "channels-last" if model.layout == torch.channels_last else "NCHW"
+    print(
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, {args.iters} iterations, medians, "
+        f"training in {layout}"
+    )
     if recorded:
         print(f"positive RoIs per iteration (mask branch): median {statistics.median(recorded):g}")
     print("| part | ms | share |\n| --- | --- | --- |")

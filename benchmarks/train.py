@@ -7,10 +7,10 @@ batches of synthetic images (shapes with random colours on noise, elliptical mas
 iteration by iteration; reported: median (min-max) seconds per iteration after --warmup iterations, and the
 process's peak RSS (VmHWM, reset before each model's measured pass). Ours trains in the layout its fast
 mode picks for the device (``maskrcnn.modeling.rcnn.fast_layout``: NCHW on CPUs without AVX-512,
-channels-last elsewhere), or in NCHW with --nchw; the header names it. torchvision trains in NCHW.
+channels-last elsewhere), or the one --layout names; the header says which. torchvision trains in NCHW.
 
     /tmp/tvref-venv/bin/python benchmarks/train.py [--iters 10] [--batch 2] [--size 512] [--threads 2]
-        [--nchw]
+        [--layout auto|nchw|channels-last]
 
 With a CUDA torchvision install (the lent GPU machine) ``--device cuda`` times the R-50-FPN instead, with
 and without mixed precision (--amp bfloat16|float16).
@@ -27,6 +27,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+
+LAYOUTS = ("auto", "nchw", "channels-last")  # --layout: ours' training layout
+
+
+def training_layout(name: str):
+    """``MaskRCNN.training_layout`` for a --layout name (None: ``fast_layout``'s choice for the device)."""
+    import torch
+
+    return {"auto": None, "nchw": torch.contiguous_format, "channels-last": torch.channels_last}[name]
 
 
 def synthetic_batch(batch: int, size: int, seed: int, num_classes: int):
@@ -77,7 +87,7 @@ def main() -> int:
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bfloat16", "float16"])
-    ap.add_argument("--nchw", action="store_true", help="ours in NCHW (exact mode) whatever the device")
+    ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="ours' training layout")
     args = ap.parse_args()
     import torch
 
@@ -105,7 +115,8 @@ def main() -> int:
     cfg.backbone.name = depth
     cfg.num_classes = args.num_classes
     cfg.input.min_size, cfg.input.max_size = (args.size,), 2 * args.size
-    ours = build_model(cfg).set_fast_inference(not args.nchw)
+    ours = build_model(cfg)
+    ours.training_layout = training_layout(args.layout)
     sd = torchvision_to_maskrcnn(theirs.state_dict())
     ours.load_state_dict({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
     models = {"maskrcnn": ours.to(device).train(), "torchvision": theirs.to(device).train()}

@@ -253,42 +253,57 @@ SEEDED_LOSSES = {
 
 
 @pytest.mark.parametrize(
-    ("device", "capability", "training", "expected"),
+    ("device", "capability", "training", "channels", "expected"),
     [
-        ("cpu", "AVX2", False, torch.channels_last),
-        ("cpu", "AVX512", False, torch.channels_last),
-        ("cpu", "AVX2", True, torch.contiguous_format),
-        ("cpu", "AVX512", True, torch.channels_last),
-        ("cpu", "DEFAULT", True, torch.contiguous_format),
-        ("cuda", "AVX2", True, torch.channels_last),
+        ("cpu", "AVX2", False, 256, torch.channels_last),
+        ("cpu", "AVX512", False, 256, torch.channels_last),
+        ("cpu", "AVX2", True, 256, torch.contiguous_format),
+        ("cpu", "AVX2", True, 128, torch.contiguous_format),
+        ("cpu", "AVX2", True, 64, torch.channels_last),
+        ("cpu", "AVX512", True, 256, torch.channels_last),
+        ("cpu", "DEFAULT", True, 256, torch.contiguous_format),
+        ("cuda", "AVX2", True, 256, torch.channels_last),
     ],
 )
 def test_fast_layout_trains_nchw_where_the_nhwc_backward_is_slow(
-    monkeypatch, device, capability, training, expected
+    monkeypatch, device, capability, training, channels, expected
 ):
     from maskrcnn.modeling.rcnn import fast_layout
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert fast_layout(torch.device(device), training=training) == expected
+    assert fast_layout(torch.device(device), training=training, channels=channels) == expected
 
 
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
-def test_train_and_eval_switch_the_layout_in_place_and_keep_the_losses(monkeypatch, capability):
-    """train() / eval() move the parameters into the mode's layout (the same Parameter objects, so an
-    optimizer keeps them); both layouts give the same losses and gradients (float64: see TOL64)."""
+def test_training_layout_is_fast_layouts_choice_for_the_models_rpn_width(monkeypatch, capability):
     from maskrcnn.modeling.rcnn import fast_layout
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    for channels in (64, 256):
+        cfg = tiny(get_config("R-18-FPN-small"))
+        cfg.backbone.fpn_channels = channels
+        model = build_model(cfg).train()
+        assert model.rpn_channels == channels
+        assert model.layout == fast_layout(torch.device("cpu"), training=True, channels=channels)
+        assert model.eval().layout == torch.channels_last
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_train_and_eval_switch_the_layout_in_place_and_keep_the_losses(layout):
+    """train() / eval() move the parameters into the mode's layout (the same Parameter objects, so an
+    optimizer keeps them); the fast mode's training in either layout gives the exact mode's losses and
+    gradients (float64: see TOL64)."""
     torch.manual_seed(0)
     model = build_model(tiny(get_config("R-18-FPN-small"))).double()
+    model.training_layout = layout
     params = [id(p) for p in model.parameters()]
     conv = model.backbone.body.layer2[0].conv1.weight
     image, target = to_float64(*make_sample())
     results = {}
     for fast in (True, False):
         model.set_fast_inference(fast).train()
-        layout = fast_layout(torch.device("cpu"), training=True) if fast else torch.contiguous_format
-        assert model.layout == layout and conv.is_contiguous(memory_format=layout)
+        expected = layout if fast else torch.contiguous_format
+        assert model.layout == expected and conv.is_contiguous(memory_format=expected)
         model.zero_grad()
         torch.manual_seed(1)
         losses = model([image], [target])

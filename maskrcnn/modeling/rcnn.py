@@ -10,21 +10,24 @@ from maskrcnn.modeling.transform import ImageBatch, ImageTransform
 __all__ = ["MaskRCNN", "fast_layout"]
 
 
-def fast_layout(device: torch.device, *, training: bool) -> torch.memory_format:
-    """The memory layout of the fast mode's convolutions on ``device``.
+def fast_layout(device: torch.device, *, training: bool, channels: int) -> torch.memory_format:
+    """The memory layout of the fast mode's convolutions on ``device``, for a model whose RPN convolves
+    maps of ``channels`` channels (the FPN's width).
 
-    Channels-last (NHWC) for inference, where it is the faster one on every CPU measured and on tensor-core
-    GPUs, and for training on CUDA and on CPUs with AVX-512. NCHW for training on other CPUs: on AVX2,
-    oneDNN's NHWC backward kernels take 1.5-2x the NCHW time (a 3x3 256-channel convolution at P2: 1.95 s
-    against 0.94 s), which costs a whole training iteration more than the faster NHWC forward saves
-    (benchmarks/RESULTS.md, "Training (CPU)").
+    Channels-last (NHWC) for inference, the faster one on every CPU measured and on tensor-core GPUs, and
+    for training on CUDA, on CPUs with AVX-512, and for narrow models. NCHW for training a model of 128
+    channels or more on other CPUs: there oneDNN's NHWC weight gradient takes 1.6-3.5x the NCHW time,
+    growing with the map (a 3x3 256-channel convolution at P2 of a 512 x 682 image: 2.0 s against 0.58 s),
+    which costs a 256-channel R-18-FPN a third more per iteration (12.5 vs 8.4 s), while the demo's
+    64-channel model trains 10-20% faster in channels-last (benchmarks/RESULTS.md, "Training (CPU)").
     """
-    if not training:
+    if not training or device.type == "cuda":
         return torch.channels_last
-    if device.type == "cpu":
-        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        return torch.channels_last if avx512 else torch.contiguous_format
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if device.type != "cpu":
+        return torch.contiguous_format
+    if channels < 128 or torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class MaskRCNN(nn.Module):
@@ -62,6 +65,10 @@ class MaskRCNN(nn.Module):
         # data keypoint_names and skeleton (1-based pairs). See maskrcnn.weights.check_metadata
         self.metadata: dict = {}
         self.precision = "fp32"  # see set_precision
+        self.rpn_channels = max((m.in_channels for m in rpn.modules() if isinstance(m, nn.Conv2d)), default=0)
+        # the fast mode's layout in training: None for fast_layout's choice on the device, or a
+        # torch.memory_format to measure or override it (benchmarks --layout); applied by train()
+        self.training_layout: torch.memory_format | None = None
         self.set_fast_inference(True)
 
     def set_fast_inference(self, enabled: bool) -> MaskRCNN:
@@ -95,10 +102,13 @@ class MaskRCNN(nn.Module):
 
     def _use_layout(self) -> MaskRCNN:
         """Put the parameters into the layout of the current mode, device and setting (no-op if there)."""
-        device = next(self.parameters()).device
-        layout = (
-            fast_layout(device, training=self.training) if self.fast_inference else torch.contiguous_format
-        )
+        if not self.fast_inference:
+            layout = torch.contiguous_format
+        elif self.training and self.training_layout is not None:
+            layout = self.training_layout
+        else:
+            device = next(self.parameters()).device
+            layout = fast_layout(device, training=self.training, channels=self.rpn_channels)
         if layout != self._layout:
             self.to(memory_format=layout)
             self._layout = layout
