@@ -409,6 +409,31 @@ def test_check_is_cached_and_rechecks_changed_files(tmp_path, monkeypatch, cache
     assert calls == [paths[3]]
 
 
+def test_interrupted_check_stops_decoding_and_keeps_what_it_decoded(tmp_path, monkeypatch, cache_in_tmp):
+    """Ctrl-C in the middle: the decodes not yet started are dropped, and the next check decodes only
+    what the first did not finish."""
+    paths = _folder_of_images(tmp_path / "data", 8)
+    calls: list[str] = []
+    real = images_mod.decode_image
+
+    def decode(path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as if Ctrl-C came while the 4th file was decoded
+        return real(path)
+
+    monkeypatch.setattr(images_mod, "decode_image", decode)
+    with pytest.raises(KeyboardInterrupt):
+        check_images(paths, workers=1, progress=False)
+    # one worker decodes in order; it may have started the 5th before the pool was shut down, no more
+    assert calls[:4] == paths[:4] and len(calls) <= 5
+    monkeypatch.setattr(images_mod, "decode_image", real)
+    calls = _count_decodes(monkeypatch)
+    out = check_images(paths, workers=2, progress=False)
+    assert sorted(calls) == sorted(paths[3:])  # the three decoded before the interruption were cached
+    assert [out[p] for p in paths] == [(10 + i, 30) for i in range(8)]
+
+
 def test_cache_location(tmp_path, monkeypatch):
     monkeypatch.delenv("MASKRCNN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

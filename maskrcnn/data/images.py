@@ -222,7 +222,8 @@ def check_images(
 
     Successes are cached in :func:`cache_dir` ``/checked-images/`` keyed by (absolute path, file size,
     mtime), so that a second check of unchanged files decodes nothing; a changed file is decoded again.
-    A tqdm bar shows on a terminal, INFO log lines every 30 s otherwise (``progress=False``: neither).
+    An interrupted check (Ctrl-C) starts no more decodes and caches the ones it finished. A tqdm bar
+    shows on a terminal, INFO log lines every 30 s otherwise (``progress=False``: neither).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning(
@@ -273,7 +274,8 @@ def check_images(
     start = time.perf_counter()
     new: dict[str, list[int]] = {}
     dropped: set[str] = set()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-check")
+    try:
         outcomes = pool.map(run, todo)
         if progress:
             outcomes = iterate_with_progress(outcomes, total=len(todo), desc="checking images")
@@ -283,7 +285,9 @@ def check_images(
                 dropped.add(abspaths[p])
             else:
                 new[abspaths[p]] = [*key, int(outcome[0]), int(outcome[1])]
-    _save_cache(cache_file, new, dropped)
+    finally:  # also on Ctrl-C: the decodes not yet started are dropped, the ones done are cached
+        pool.shutdown(wait=True, cancel_futures=True)
+        _save_cache(cache_file, new, dropped)
     failed = len(results) - from_cache - len(new)
     logger.info(
         "image check: decoded %d file(s) in %.1fs (%d worker thread(s))%s%s",
