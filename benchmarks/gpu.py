@@ -22,13 +22,15 @@ after each):
    host-device synchronisations of one batch-1 call (``torch.cuda.set_sync_debug_mode``), and ours against
    torchvision's detections in float32 (count, labels, largest box and score difference);
 3. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
-   bf16 autocast, and ours in NCHW without AMP (is channels-last, ``fast_layout``'s CUDA choice, right?);
+   bf16 autocast;
 4. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
    forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
    NMS keeps the same boxes as torchvision's or the script says so;
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time and
    the iteration's wall time against its GPU time;
-6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed.
+6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed;
+7. ``layout``: ``train``'s first run with ours in NCHW (is channels-last, ``fast_layout``'s choice on CUDA,
+   the faster one there?).
 
 Times: median (min-max) of --runs, each call bracketed by ``torch.cuda.synchronize()``, after warm-up.
 Writes DIR/gpu.md (machine, command, each part's table) and prints it. ``--device cpu --quick`` runs the
@@ -315,18 +317,24 @@ def part_inference(args, device, tv) -> list[str]:
 def part_train(args, device, tv) -> list[str]:
     if device.type != "cuda":
         return ["(CUDA only: benchmarks/train.py times the CPU through tvref)"]
-    lines = []
-    for amp, layout in (
-        ("off", []),
-        ("bfloat16", []),
-        ("off", ["--layout", "nchw"]),
-    ):  # ours: channels-last, NCHW
-        cmd = [sys.executable, "benchmarks/train.py", "--device", "cuda", "--batch", "8", "--size", "800"]
-        cmd += ["--iters", "10", "--amp", amp, *layout]
-        proc = _run(cmd, timeout=150)
-        lines += ["", f"`{' '.join(cmd[1:])}` (exit {proc.returncode})", "", proc.stdout.strip()]
-        if proc.returncode:
-            lines += ["```", *proc.stderr.strip().splitlines()[-15:], "```"]
+    return [line for amp in ("off", "bfloat16") for line in _train_run(["--amp", amp])]
+
+
+def part_layout(args, device, tv) -> list[str]:
+    """Ours trained in NCHW, beside ``train``'s channels-last (``fast_layout``'s CUDA choice): last, as
+    the one figure a short lease can best do without."""
+    if device.type != "cuda":
+        return ["(CUDA only, as train)"]
+    return _train_run(["--amp", "off", "--layout", "nchw"])
+
+
+def _train_run(options: list[str]) -> list[str]:
+    cmd = [sys.executable, "benchmarks/train.py", "--device", "cuda", "--batch", "8", "--size", "800"]
+    cmd += ["--iters", "10", *options]
+    proc = _run(cmd, timeout=150)
+    lines = ["", f"`{' '.join(cmd[1:])}` (exit {proc.returncode})", "", proc.stdout.strip()]
+    if proc.returncode:
+        lines += ["```", *proc.stderr.strip().splitlines()[-15:], "```"]
     return lines
 
 
@@ -403,6 +411,7 @@ PARTS = {  # in order of what a short lease must bring back first
     "ops": part_ops,
     "profile": part_profile,
     "ablate": part_ablate,
+    "layout": part_layout,
 }
 
 

@@ -1,9 +1,9 @@
 #!/bin/sh
-# Prepares the one GPU run of benchmarks/gpu.py (docs/gpu.md): the files that must travel to the lent
+# Prepares the one GPU run of benchmarks/gpu.py (its docstring): the files that must travel to the lent
 # machine, which reaches nothing outside it. Into .gpu/ (ignored by git; the run names it in `carry`):
 #   .gpu/images/  the first 8 coco-mini val images (the ../shared beside the checkout does not travel)
 #   .gpu/whl/     wheels of what the machine's Python lacks: pycocotools (our data and eval code)
-# Then, on the device, one command (docs/gpu.md):
+# Then, on the device, one command (as in benchmarks/gpu.py):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl &&
 #   PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 timeout 520 python3 benchmarks/gpu.py --out $OUT --images .gpu/images
 set -eu
