@@ -6,14 +6,15 @@ batches of synthetic images (shapes with random colours on noise, elliptical mas
 --size. One iteration = forward, backward of the summed losses and an SGD step. The two models alternate
 iteration by iteration; reported: median (min-max) seconds per iteration after --warmup iterations, and the
 process's peak RSS (VmHWM, reset before each model's measured pass). Ours trains in the layout its fast
-mode picks for the device (``maskrcnn.modeling.rcnn.fast_layout``: NCHW on CPUs without AVX-512,
-channels-last elsewhere), or the one --layout names; the header says which. torchvision trains in NCHW.
+mode picks for the device (``maskrcnn.modeling.rcnn.fast_layout``: for these 256 FPN channels NCHW on CPUs
+without AVX-512, channels-last elsewhere), or the one --layout names; the header says which. torchvision
+trains in NCHW.
 
     /tmp/tvref-venv/bin/python benchmarks/train.py [--iters 10] [--batch 2] [--size 512] [--threads 2]
         [--layout auto|nchw|channels-last]
 
 With a CUDA torchvision install (the lent GPU machine) ``--device cuda`` times the R-50-FPN instead, with
-and without mixed precision (--amp bfloat16|float16).
+and without mixed precision (--amp bfloat16|float16); ``--depth resnet50`` times it on the CPU too.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bfloat16", "float16"])
+    ap.add_argument("--depth", choices=["resnet18", "resnet50"], help="default: 18 on the CPU, 50 on CUDA")
     ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="ours' training layout")
     args = ap.parse_args()
     import torch
@@ -107,7 +109,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    depth = "resnet18" if device.type == "cpu" else "resnet50"
+    depth = args.depth or ("resnet18" if device.type == "cpu" else "resnet50")
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name=depth, weights=None, trainable_layers=3)
     theirs = MaskRCNN(backbone, num_classes=args.num_classes, min_size=args.size, max_size=2 * args.size)

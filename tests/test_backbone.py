@@ -114,6 +114,30 @@ def test_frozen_bn_equals_batchnorm_eval(memory_format):
     torch.testing.assert_close(gx, gx_ref)
 
 
+def test_frozen_bn_keeps_only_its_scales_for_backward():
+    """In training the norm's backward needs only the per-channel scale; autograd's batch-norm node would
+    keep the whole input (one activation per frozen norm). Forward: the eval kernel's bits; gradients:
+    float64 gradcheck, first and second order."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8).double()
+    _randomize_norms(bn)
+    fbn = FrozenBatchNorm2d(8).double()
+    fbn.load_state_dict(bn.eval().state_dict())
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64, requires_grad=True)
+
+    def saved_numel(module):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            y = module(x)
+        return y, sum(sizes)
+
+    (y, kept), (y_bn, kept_bn) = saved_numel(fbn), saved_numel(bn)
+    assert kept == 8 and kept_bn >= x.numel()
+    assert torch.equal(y, y_bn)
+    assert torch.autograd.gradcheck(fbn, (x,))
+    assert torch.autograd.gradgradcheck(fbn, (x,))
+
+
 def test_frozen_bn_loads_num_batches_tracked_and_reports_other_keys():
     bn = nn.BatchNorm2d(4)
     sd = bn.state_dict()
