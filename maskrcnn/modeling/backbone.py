@@ -56,7 +56,9 @@ class FrozenBatchNorm2d(nn.Module):
     ``forward`` hands the buffers to the eval-mode batch-norm kernel (the one ``BatchNorm2d`` calls), which
     computes exactly this scale and shift and applies them in one pass, so the output equals
     ``BatchNorm2d(...).eval()`` bit for bit (a hand-written ``x * scale + shift`` differs in the last bits:
-    the CPU kernel uses ``rsqrt`` and fused multiply-adds). ``num_batches_tracked`` in a loaded state dict is
+    the CPU kernel uses ``rsqrt`` and fused multiply-adds). When the input requires grad, the kernel runs in
+    an autograd function whose backward keeps only the scales (see ``_FrozenNorm``), not the input as
+    autograd's batch-norm node would. ``num_batches_tracked`` in a loaded state dict is
     ignored, so checkpoints saved from a model with plain ``BatchNorm2d`` load. Input ``N x C x ...``
     (any memory format), output the same shape and format.
     """
