@@ -11,7 +11,10 @@ without AVX-512, channels-last elsewhere), or the one --layout names; the header
 trains in NCHW.
 
     /tmp/tvref-venv/bin/python benchmarks/train.py [--iters 10] [--batch 2] [--size 512] [--threads 2]
-        [--layout auto|nchw|channels-last]
+        [--layout auto|nchw|channels-last] [--profile N]
+
+--profile N: after the timed iterations, one more iteration of each side under torch.profiler, and its N
+top operators by self CPU time (CPU only).
 
 With a CUDA torchvision install (the lent GPU machine) ``--device cuda`` times the R-50-FPN instead, with
 and without mixed precision (--amp bfloat16|float16); ``--depth resnet50`` times it on the CPU too.
@@ -88,6 +91,7 @@ def main() -> int:
     ap.add_argument("--num-classes", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bfloat16", "float16"])
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="top N operators of one iteration")
     ap.add_argument("--depth", choices=["resnet18", "resnet50"], help="default: 18 on the CPU, 50 on CUDA")
     ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="ours' training layout")
     args = ap.parse_args()
@@ -167,6 +171,16 @@ def main() -> int:
                 peak[name] = (
                     torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else _peak_gib()
                 )
+    profiles = {}
+    if args.profile and device.type == "cpu":
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in models:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(name, *batches[-1])
+            profiles[name] = prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=40
+            )
     size = f"{args.size}x{int(args.size * 4 / 3)}"
     what = f"{depth}-FPN, batch {args.batch} at {size}, {args.device}, amp {args.amp}, ours in {ours_layout}"
     print(
@@ -179,6 +193,8 @@ def main() -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {1 / med:.2f} | {peak[name]:.2f} |")
+    for name, table in profiles.items():
+        print(f"\n{name}, one more iteration under torch.profiler:\n```\n{table}```")
     return 0
 
 

@@ -91,7 +91,7 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         args = (x, self.running_mean, self.running_var, self.weight, self.bias)
         if x.requires_grad and torch.is_grad_enabled() and not _exporting():
-            return _FrozenNorm.apply(*args, self.eps)
+            return _FrozenNorm.apply(*args, self.eps, self.scale_and_shift()[0])
         return F.batch_norm(*args, training=False, eps=self.eps)
 
     def folded_into(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
@@ -109,20 +109,21 @@ class FrozenBatchNorm2d(nn.Module):
 
 class _FrozenNorm(torch.autograd.Function):
     """The eval-mode batch-norm kernel forward (the same bits as ``BatchNorm2d.eval()``); backward
-    ``grad * scale``. Autograd's own batch-norm node keeps the input for a weight gradient that frozen
-    statistics never need: one activation per frozen norm, ~0.5 GiB of a batch of two at 800 px (R-50-FPN).
-    This node keeps the ``C`` scales only."""
+    ``grad * scale`` (:meth:`FrozenBatchNorm2d.scale_and_shift`'s scale). Autograd's own batch-norm node
+    keeps the input for a weight gradient that frozen statistics never need: one activation per frozen
+    norm, 0.8 GiB of a batch of two at 800 px (R-50-FPN, benchmarks/RESULTS.md). This one keeps the ``C``
+    scales only."""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps):
-        ctx.save_for_backward(weight * torch.rsqrt(var + eps))
+    def forward(ctx, x, mean, var, weight, bias, eps, scale):
+        ctx.save_for_backward(scale)
         return F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
 
     @staticmethod
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
         shape = (1, -1) + (1,) * (grad.dim() - 2)
-        return grad * scale.to(grad.dtype).view(shape), None, None, None, None, None
+        return grad * scale.to(grad.dtype).view(shape), None, None, None, None, None, None
 
 
 def _exporting() -> bool:
