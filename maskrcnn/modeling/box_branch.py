@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.modeling.losses import BOX_LOSSES, at_least_float32, fast_rcnn_loss
-from maskrcnn.ops.boxes import BoxCoder, clip_boxes, remove_small_boxes
+from maskrcnn.ops.boxes import BoxCoder, clip_boxes, large_enough
 from maskrcnn.ops.nms import batched_nms
 
 __all__ = ["BoxBranch"]
@@ -155,12 +155,13 @@ class BoxBranch(nn.Module):
         counts = [p.shape[0] for p in proposals]
         out = []
         for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes, strict=True):
-            # candidates: (RoI, class >= 1) pairs above the score threshold, in RoI-major order
-            flat = torch.nonzero(s[:, 1:].reshape(-1) > self.score_thresh).squeeze(1)
-            roi, lab = flat // (num_classes - 1), flat % (num_classes - 1) + 1
-            b, s = clip_boxes(b[roi, lab], size), s[roi, lab]
-            keep = remove_small_boxes(b, 1e-2)
-            b, s, lab = b[keep], s[keep], lab[keep]
+            # candidates: (RoI, class >= 1) pairs above the score threshold whose clipped box is not
+            # degenerate, in RoI-major order (one nonzero for both tests)
+            b, s = clip_boxes(b[:, 1:], size), s[:, 1:]
+            wanted = (s > self.score_thresh) & large_enough(b.reshape(-1, 4), 1e-2).view(s.shape)
+            flat = torch.nonzero(wanted.reshape(-1)).squeeze(1)
+            b, s = b.reshape(-1, 4)[flat], s.reshape(-1)[flat]
+            lab = flat % (num_classes - 1) + 1
             keep = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
             out.append({"boxes": b[keep], "labels": lab[keep], "scores": s[keep]})
         return out

@@ -66,7 +66,7 @@ class KeypointBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        positive = [lab > 0 for lab in labels]
+        positive = [torch.nonzero(lab > 0).squeeze(1) for lab in labels]  # one read back per image
         pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
         logits = self.logits(features, pos_rois)
         with torch.no_grad():

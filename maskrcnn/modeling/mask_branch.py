@@ -102,11 +102,14 @@ class MaskBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        positive = [lab > 0 for lab in labels]
+        positive = [torch.nonzero(lab > 0).squeeze(1) for lab in labels]  # one read back per image
         pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
-        all_labels = torch.cat(labels)
+        pos_labels = torch.cat([lab[p] for lab, p in zip(labels, positive, strict=True)])
         if self.mask_pooler is None:
-            mask_features = box_features[all_labels > 0]
+            starts = [0]
+            for lab in labels[:-1]:
+                starts.append(starts[-1] + lab.shape[0])
+            mask_features = box_features[torch.cat([p + s for p, s in zip(positive, starts, strict=True)])]
         else:
             mask_features = self.mask_pooler(features, pos_rois)
         mask_logits = self.logits(mask_features)
@@ -125,7 +128,6 @@ class MaskBranch(RoIBranch):
                 )
                 mask_targets.append(crop.to(mask_logits.device))
             mask_targets = torch.cat(mask_targets)
-        pos_labels = all_labels[all_labels > 0]
         return {"loss_mask": mask_loss(mask_logits, pos_labels, mask_targets, kind=self.mask_loss)}
 
     def forward_test(

@@ -129,8 +129,11 @@ class MultiLevelPooler(nn.Module):
         if num_rois == 0:
             return self._pool(ref, rois, self.scales[0])
         out = None
-        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
-            idx = torch.nonzero(levels == level).squeeze(1)
+        # The RoIs of each level (ascending) from one sort and one read of the per-level counts.
+        order = torch.sort(levels, stable=True).indices
+        counts = (levels[None, :] == torch.arange(len(features), device=levels.device)[:, None]).sum(1)
+        per_level = order.split(counts.tolist())
+        for idx, feature, scale in zip(per_level, features, self.scales, strict=True):
             if idx.numel() == 0:
                 continue
             pooled = self._pool(feature, rois[idx], scale)

@@ -178,10 +178,15 @@ def _check_targets(targets: list[dict], num_images: int) -> None:
             )
         if not boxes.is_floating_point():
             raise ValueError(f"target {i}: 'boxes' must be floating point, got {boxes.dtype}")
-        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if bad.any():
-            j = int(bad.nonzero()[0])
-            raise ValueError(f"target {i}: box {j} {boxes[j].tolist()} has non-positive width or height")
         labels = t.get("labels")
         if labels is None or labels.shape != boxes.shape[:1]:
             raise ValueError(f"target {i}: 'labels' must be [G] matching boxes")
+    # degenerate boxes, with one read back from the device for the whole batch
+    bad = [(t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1) for t in targets]
+    if not bad:
+        return
+    for i, any_bad in enumerate(torch.stack([b.any().to(bad[0].device) for b in bad]).tolist()):
+        if any_bad:
+            j = int(bad[i].nonzero()[0])
+            box = targets[i]["boxes"][j].tolist()
+            raise ValueError(f"target {i}: box {j} {box} has non-positive width or height")

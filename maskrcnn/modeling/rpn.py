@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from maskrcnn.modeling.losses import at_least_float32
 from maskrcnn.modeling.matcher import Matcher, subsample_labels
 from maskrcnn.ops.anchors import AnchorGenerator
-from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, remove_small_boxes
+from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, large_enough
 from maskrcnn.ops.nms import batched_nms
 
 __all__ = [
@@ -148,9 +148,7 @@ def select_proposals(
         counts.append(k)
         offset += num
     top_idx = torch.cat(top_idx, dim=1)  # [N, K]
-    levels = torch.repeat_interleave(
-        torch.arange(num_levels, device=device), torch.tensor(counts, device=device)
-    )  # [K]
+    levels = torch.cat([torch.full((k,), lvl, device=device) for lvl, k in enumerate(counts)])  # [K]
 
     batch_idx = torch.arange(num_images, device=device)[:, None]
     scores = torch.sigmoid(objectness[batch_idx, top_idx])  # [N, K]
@@ -161,18 +159,19 @@ def select_proposals(
     boxes = boxes.reshape(-1, 4)
     scores = scores.reshape(-1)
     groups = (batch_idx * num_levels + levels[None, :]).reshape(-1)
-    keep = remove_small_boxes(boxes, min_size)
-    keep = keep[scores[keep] >= score_thresh]
+    keep = torch.nonzero(large_enough(boxes, min_size) & (scores >= score_thresh)).squeeze(1)
     boxes, scores, groups = boxes[keep], scores[keep], groups[keep]
     keep = batched_nms(boxes, scores, groups, nms_thresh)  # by decreasing score, ties: lower index first
     image_of = torch.div(groups, num_levels, rounding_mode="floor")
-    candidates = torch.bincount(image_of, minlength=num_images).tolist()
-    image_of = image_of[keep]
-    keep = keep[torch.sort(image_of, stable=True).indices]  # grouped by image, score order kept
+    kept_image_of = image_of[keep]
+    keep = keep[torch.sort(kept_image_of, stable=True).indices]  # grouped by image, score order kept
+    # NMS candidates and kept boxes per image, in one read back
+    per_image = torch.arange(num_images, device=device)[:, None]
+    candidates, kept = torch.stack(
+        [(image_of[None, :] == per_image).sum(1), (kept_image_of[None, :] == per_image).sum(1)]
+    ).tolist()
     out_boxes, out_scores = [], []
-    for k, num in zip(
-        keep.split(torch.bincount(image_of, minlength=num_images).tolist()), candidates, strict=True
-    ):
+    for k, num in zip(keep.split(kept), candidates, strict=True):
         if num > _tv_batched_nms_limit(device):
             # torchvision then re-sorts the kept boxes (ascending index) by score with an unstable
             # sort; repeat that call so that equal scores come out in its order.

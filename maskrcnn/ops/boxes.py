@@ -22,6 +22,7 @@ __all__ = [
     "box_iou",
     "box_xyxy_to_cxcywh",
     "clip_boxes",
+    "large_enough",
     "remove_small_boxes",
 ]
 
@@ -77,13 +78,15 @@ def clip_boxes(boxes: Tensor, size: Sequence[int]) -> Tensor:
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """bool ``[N]``: the boxes ``[N, 4]`` whose width and height are both ``>= min_size``."""
+    return (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (int64 ``[K]``, ascending) of the boxes ``[N, 4]`` whose width and height are both
     ``>= min_size``."""
-    widths = boxes[:, 2] - boxes[:, 0]
-    heights = boxes[:, 3] - boxes[:, 1]
-    keep = (widths >= min_size) & (heights >= min_size)
-    return torch.nonzero(keep).squeeze(1)
+    return torch.nonzero(large_enough(boxes, min_size)).squeeze(1)
 
 
 def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maskrcnn.ops import device as _device
+
 __all__ = ["nms", "batched_nms"]
 
 # Block size of the sweep and the largest number of IoU values computed at once: on CPU (numpy backend,
@@ -116,7 +118,7 @@ def _nms(
     thr = t if cdtype == torch.float64 else _float32_floor(t)
     boxes = boxes.detach().to(cdtype)
     if backend is None:
-        backend = "numpy" if device.type == "cpu" else "torch"
+        backend = "torch" if _device.host_reads_stall(device) else "numpy"
     if backend == "numpy":
         if device.type != "cpu":
             raise ValueError("the numpy backend needs CPU tensors")
@@ -131,11 +133,7 @@ def _nms(
         return torch.from_numpy(order_np[ranks])
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}")
-    cat = None
-    if idxs is not None:
-        cat = torch.unique(idxs.detach(), return_inverse=True)[1].reshape(-1)[order]
-        if bool((cat == cat[0]).all()):
-            cat = None
+    cat = None if idxs is None else idxs.detach()[order]  # only compared for equality
     return order[_sweep_torch(boxes[order], cat, thr)]
 
 
@@ -329,39 +327,47 @@ def _iou_gt_torch(a: Tensor, b: Tensor, thr: float) -> Tensor:
 
 
 def _greedy_block_torch(m: Tensor) -> Tensor:
-    """Kept positions (ascending, int64) of the greedy pass over one block, ``m`` as in :func:`_scan_block`.
+    """Kept boxes (bool ``[s]``) of the greedy pass over one block, ``m`` as in :func:`_scan_block`.
 
     Fixed-point iteration on the device: a box is kept once all its suppressors are removed and removed
-    once one of them is kept; every round settles at least the first undecided box. Long chains fall back
-    to :func:`_scan_block` on the host after ``_MAX_ROUNDS`` rounds."""
+    once one of them is kept; every round settles at least the first undecided box, and a settled state
+    is a fixed point (extra rounds change nothing). One host read per round tells whether any box is
+    undecided. Long chains fall back to :func:`_scan_block` on the host after ``_MAX_ROUNDS`` rounds."""
     s = m.shape[0]
     edges = torch.triu(m, diagonal=1)  # a -> c for a < c
     alive = torch.ones(s, dtype=torch.bool, device=m.device)
     pending = edges.any(0)  # undecided: some earlier box may suppress it
     for _ in range(_MAX_ROUNDS):
         if not bool(pending.any()):
-            return alive.nonzero().flatten()
+            return alive
         kept = alive & ~pending
         killed = (edges & kept[:, None]).any(0)
         alive &= ~killed
         pending &= ~killed
         pending &= (edges & (alive & pending)[:, None]).any(0)
-    return torch.tensor(_scan_block(m.cpu().numpy()), dtype=torch.int64, device=m.device)
+    alive = torch.zeros(s, dtype=torch.bool)
+    alive[_scan_block(m.cpu().numpy())] = True
+    return alive.to(m.device)
 
 
 def _sweep_torch(boxes: Tensor, cat: Tensor | None, thr: float) -> Tensor:
     """Kept positions (ascending, int64) of greedy NMS on ``boxes`` ``[N, 4]`` in visiting order; with
-    ``cat`` (``[N]``), only boxes of the same category interact."""
+    ``cat`` (``[N]``), only boxes of the same category interact.
+
+    Host reads per block: the rounds of :func:`_greedy_block_torch`, and one ``nonzero`` that shrinks the
+    pool to the boxes still alive; the kept positions are gathered with one more at the end. The block's
+    boxes suppress the rest through an IoU tile masked by the kept ones (no gather of the kept boxes,
+    which would need their count on the host)."""
     n = boxes.shape[0]
     device = boxes.device
     x1, y1, x2, y2 = boxes.t()
     pool = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])
     pos = torch.arange(n, device=device)
-    if device.type == "cpu":
-        block, elems = _CPU_BLOCK, _CPU_TILE_ELEMS
-    else:
+    if _device.host_reads_stall(device):
         block, elems = _DEVICE_BLOCK, _DEVICE_TILE_ELEMS
-    kept = []
+    else:
+        block, elems = _CPU_BLOCK, _CPU_TILE_ELEMS
+    kept_pos, kept_mask = [], []
     while pos.numel():
         s = min(block, pos.numel())
         blk = pool[:, :s]
@@ -369,24 +375,24 @@ def _sweep_torch(boxes: Tensor, cat: Tensor | None, thr: float) -> Tensor:
         if cat is not None:
             m &= cat[:s, None] == cat[None, :s]
         keep = _greedy_block_torch(m)
-        kept.append(pos[keep])
+        kept_pos.append(pos[:s])
+        kept_mask.append(keep)
         p = pos.numel() - s
         if p == 0:
             break
         rest = pool[:, s:]
-        winners = blk[:, keep]
-        winner_cat = None if cat is None else cat[keep][:, None]
         suppressed = torch.empty(p, dtype=torch.bool, device=device)
-        step = max(1, elems // keep.numel())
+        step = max(1, elems // s)
         for c0 in range(0, p, step):
             c1 = min(p, c0 + step)
-            m = _iou_gt_torch(winners, rest[:, c0:c1], thr)
-            if winner_cat is not None:
-                m &= winner_cat == cat[None, s + c0 : s + c1]
+            m = _iou_gt_torch(blk, rest[:, c0:c1], thr)
+            m &= keep[:, None]
+            if cat is not None:
+                m &= cat[:s, None] == cat[None, s + c0 : s + c1]
             suppressed[c0:c1] = m.any(0)
-        alive = ~suppressed
-        pool = rest[:, alive]
-        pos = pos[s:][alive]
+        alive = torch.nonzero(~suppressed).squeeze(1)
+        pool = rest.index_select(1, alive)
+        pos = pos[s:].index_select(0, alive)
         if cat is not None:
-            cat = cat[s:][alive]
-    return torch.cat(kept)
+            cat = cat[s:].index_select(0, alive)
+    return torch.cat(kept_pos)[torch.nonzero(torch.cat(kept_mask)).squeeze(1)]

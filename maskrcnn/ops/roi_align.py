@@ -83,14 +83,18 @@ def _channels_last_rows(input: Tensor) -> Tensor:
     return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
-def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: int):
+def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: int, sampling_ratio: int):
     """Bilinear sample taps along one axis.
 
-    start, length, grid: ``[K]`` (grid = samples per bin, per RoI). Returns, for ``[K, bins, G]`` samples
-    (``G = max grid``): ``lo, hi`` cell indices (int64) and ``w_lo, w_hi`` weights, zero for samples that
-    are past the RoI's grid or more than one cell outside ``[0, size]``.
+    start, length, grid: ``[K]`` (grid = samples per bin, per RoI: ``sampling_ratio`` where it is > 0).
+    Returns, for ``[K, bins, G]`` samples (``G = max grid``, read back from the device only for an
+    adaptive ``sampling_ratio``): ``lo, hi`` cell indices (int64) and ``w_lo, w_hi`` weights, zero for
+    samples that are past the RoI's grid or more than one cell outside ``[0, size]``.
     """
-    g_max = max(int(grid.max().item()) if grid.numel() else 0, 1)
+    if sampling_ratio > 0:
+        g_max = int(sampling_ratio)
+    else:
+        g_max = max(int(grid.max().item()) if grid.numel() else 0, 1)
     dtype = start.dtype
     b = torch.arange(bins, device=start.device, dtype=dtype).view(1, bins, 1)
     i = torch.arange(g_max, device=start.device, dtype=dtype).view(1, 1, g_max)
@@ -113,30 +117,36 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: 
     return lo, hi, w_lo, w_hi
 
 
-def _merge_taps(lo: Tensor, hi: Tensor, w_lo: Tensor, w_hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-bin weight lists ``[K, bins, R]`` (index, weight) summing all samples of a bin along one axis.
-
-    Consecutive samples mostly share cells, so the taps are merged into a window of rows starting at the
-    first tapped cell when that window is short; otherwise the raw taps are kept (duplicates are fine:
-    the bag-sum adds them).
-    """
-    k, bins, g = lo.shape
+def _taps(lo: Tensor, hi: Tensor, w_lo: Tensor, w_hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The raw taps of each bin along one axis, ``[K, bins, 2G]`` (index, weight), the first tapped cell
+    of each bin ``[K, bins, 1]`` and the widest window of tapped cells (a 0-dim tensor, >= 1)."""
     taps_idx = torch.cat([lo, hi], dim=2)
     taps_w = torch.cat([w_lo, w_hi], dim=2)
     if taps_idx.numel() == 0:
-        return taps_idx, taps_w
+        return taps_idx, taps_w, taps_idx[..., :1], torch.ones((), dtype=torch.int64, device=lo.device)
     big = torch.iinfo(torch.int64).max
     used = taps_w != 0
     first = torch.where(used, taps_idx, torch.full_like(taps_idx, big)).amin(dim=2, keepdim=True)
     last = torch.where(used, taps_idx, torch.full_like(taps_idx, -1)).amax(dim=2, keepdim=True)
     first = torch.where(first == big, torch.zeros_like(first), first)
-    span = int((last - first + 1).clamp(min=1).max().item())
-    if span >= 2 * g:
+    return taps_idx, taps_w, first, (last - first + 1).clamp(min=1).max()
+
+
+def _merge_taps(taps_idx: Tensor, taps_w: Tensor, first: Tensor, span: int) -> tuple[Tensor, Tensor]:
+    """Per-bin weight lists ``[K, bins, R]`` (index, weight) summing all samples of a bin along one axis,
+    from :func:`_taps` (``span`` read back on the host).
+
+    Consecutive samples mostly share cells, so the taps are merged into a window of rows starting at the
+    first tapped cell when that window is short; otherwise the raw taps are kept (duplicates are fine:
+    the bag-sum adds them).
+    """
+    k, bins, taps = taps_idx.shape
+    if taps_idx.numel() == 0 or span >= taps:
         return taps_idx, taps_w
     rel = (taps_idx - first).clamp(0, span - 1)
     merged_w = torch.zeros(k, bins, span, dtype=taps_w.dtype, device=taps_w.device)
     merged_w.scatter_add_(2, rel, taps_w)
-    merged_idx = first + torch.arange(span, device=lo.device)
+    merged_idx = first + torch.arange(span, device=taps_idx.device)
     return merged_idx, merged_w
 
 
@@ -164,8 +174,11 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     """(cell index, weight, offsets) of the sparse bin <- cell map, bins ordered (k, oh, ow)."""
     oh, ow = output_size
     y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    ry, wy = _merge_taps(*_axis_samples(y1, rh, oh, gy, height))
-    rx, wx = _merge_taps(*_axis_samples(x1, rw, ow, gx, width))
+    ty = _taps(*_axis_samples(y1, rh, oh, gy, height, sampling_ratio))
+    tx = _taps(*_axis_samples(x1, rw, ow, gx, width, sampling_ratio))
+    span_y, span_x = torch.stack([ty[3], tx[3]]).tolist()  # both windows in one read back
+    ry, wy = _merge_taps(*ty[:3], span_y)
+    rx, wx = _merge_taps(*tx[:3], span_x)
     count = (gy * gx).clamp(min=1).to(wy.dtype).view(-1, 1, 1, 1, 1)
     base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
     # [K, oh, ow, Ry, Rx]
@@ -175,7 +188,8 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     weight = weight.reshape(k * oh * ow, -1)
     index = index.expand(k, oh, ow, ry.shape[-1], rx.shape[-1]).reshape(k * oh * ow, -1)
     keep = weight != 0
-    return index[keep], weight[keep], _offsets(keep.sum(dim=1))
+    pairs = torch.nonzero(keep.reshape(-1)).squeeze(1)  # one read back for both lists
+    return index.reshape(-1)[pairs], weight.reshape(-1)[pairs], _offsets(keep.sum(dim=1))
 
 
 def _offsets(counts: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -189,8 +203,8 @@ def _sample_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, hei
     """Per-sample 4-tap (cell, weight) bags for max aggregation; bags ordered (k, oh, ow, gy, gx)."""
     oh, ow = output_size
     y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    ylo, yhi, wylo, wyhi = _axis_samples(y1, rh, oh, gy, height)  # [K, oh, Gy]
-    xlo, xhi, wxlo, wxhi = _axis_samples(x1, rw, ow, gx, width)  # [K, ow, Gx]
+    ylo, yhi, wylo, wyhi = _axis_samples(y1, rh, oh, gy, height, sampling_ratio)  # [K, oh, Gy]
+    xlo, xhi, wxlo, wxhi = _axis_samples(x1, rw, ow, gx, width, sampling_ratio)  # [K, ow, Gx]
     ys = torch.stack([ylo, ylo, yhi, yhi], dim=-1)[:, :, None, :, None, :]  # [K, oh, 1, Gy, 1, 4]
     xs = torch.stack([xlo, xhi, xlo, xhi], dim=-1)[:, None, :, None, :, :]  # [K, 1, ow, 1, Gx, 4]
     wys = torch.stack([wylo, wylo, wyhi, wyhi], dim=-1)[:, :, None, :, None, :]
@@ -275,19 +289,26 @@ class _BagSum(torch.autograd.Function):
         grad_out = grad_out.contiguous()  # [bags, C]; the autograd view/permute backward already is
         num_bags = grad_out.shape[0]
         cells, order = torch.sort(index, stable=True)
+        touched_all, counts_all = torch.unique_consecutive(cells, return_counts=True)
         max_cells = max(num_bags * c // 8, 1 << 18) // c
         chunks = _cell_chunks(n, h * w, max_cells)
         starts = cells.new_tensor([first for _, first in chunks] + [n * h * w])
-        bounds = torch.searchsorted(cells, starts).tolist()  # each range's pairs in the sorted order
-        for (b, _), p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
+        # each range's pairs in the sorted order and its touched cells, in one read back
+        bounds = torch.stack([torch.searchsorted(cells, starts), torch.searchsorted(touched_all, starts)])
+        (p_bounds, t_bounds) = bounds.tolist()
+        for (b, _), p0, p1, t0, t1 in zip(chunks, p_bounds, p_bounds[1:], t_bounds, t_bounds[1:]):
             if p1 == p0:
                 continue
             pairs = order[p0:p1]
             small = offsets.dtype == torch.int32
             bag = torch.searchsorted(offsets, pairs.to(offsets.dtype), right=True, out_int32=small) - 1
-            touched, counts = torch.unique_consecutive(cells[p0:p1], return_counts=True)
+            touched = touched_all[t0:t1]
             summed = F.embedding_bag(
-                bag, grad_out, _offsets(counts, offsets.dtype), mode="sum", per_sample_weights=weight[pairs]
+                bag,
+                grad_out,
+                _offsets(counts_all[t0:t1], offsets.dtype),
+                mode="sum",
+                per_sample_weights=weight[pairs],
             )  # [touched, C]
             if ctx.channels_last:
                 grad_rows.index_copy_(0, touched.long(), summed)

@@ -1,0 +1,138 @@
+"""Host reads (host-device synchronisations on a GPU) in the hot path, counted on the CPU (tests/syncs.py).
+
+What is asserted: the counter sees what it should; NMS reads back a number of times fixed by its blocks and
+rounds, not by its categories; the pooler reads back once plus twice per occupied level; and a whole model
+reads back as often for one detection as for a hundred, and for one ground-truth object as for eight.
+"""
+
+import pytest
+import torch
+
+from maskrcnn.config import get_config
+from maskrcnn.modeling.build import build_model
+from maskrcnn.modeling.poolers import MultiLevelPooler
+from maskrcnn.ops import batched_nms, nms
+from tests.syncs import count_syncs, device_paths
+
+
+def test_counter_sees_the_reads_and_only_them():
+    x = torch.arange(10.0)
+    with count_syncs() as syncs:
+        x.sum().item()
+        bool(x.any())
+        x.tolist()
+        torch.nonzero(x > 3)
+        x[x > 3]
+        torch.repeat_interleave(torch.tensor([1, 2]))
+    assert syncs.total == 6, syncs.report()
+    with count_syncs() as syncs:
+        x[torch.tensor([1, 2])]
+        x.sort()
+        x.topk(3)
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
+        x.masked_fill(x > 3, 0)
+        torch.where(x > 3, x, 0)
+    assert syncs.total == 0, syncs.report()
+    assert x.tolist() == list(range(10))  # the wrappers are removed again
+
+
+def disjoint_boxes(n: int) -> torch.Tensor:
+    """``n`` unit squares on a grid, two cells apart: no two overlap."""
+    i = torch.arange(n, dtype=torch.float32)
+    x, y = (i % 100) * 2, (i // 100) * 2
+    return torch.stack([x, y, x + 1, y + 1], dim=1)
+
+
+@pytest.mark.parametrize("n, reads", [(1000, 2), (3000, 6)])
+def test_nms_reads_per_block_not_per_category(n, reads):
+    """Disjoint boxes (nothing suppressed, one round per block): each block reads whether any box is
+    undecided, every block but the last shrinks the pool with one nonzero, and one more gathers the kept
+    positions: 2 reads in one block of 1024, 3 + 2 + 1 in three. Categories add none."""
+    boxes = disjoint_boxes(n)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    for idxs in (None, torch.arange(n) % 50):
+        with device_paths(), count_syncs() as syncs:
+            keep = nms(boxes, scores, 0.5) if idxs is None else batched_nms(boxes, scores, idxs, 0.5)
+        assert sorted(keep.tolist()) == list(range(n))
+        assert syncs.total == reads, syncs.report()
+
+
+def test_device_paths_give_the_cpu_results():
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(3000, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 10 + torch.rand(3000, 2, generator=g) * 60], dim=1)
+    scores = torch.rand(3000, generator=g)
+    idxs = torch.randint(0, 5, (3000,), generator=g)
+    expected = batched_nms(boxes, scores, idxs, 0.6)
+    with device_paths(), count_syncs() as syncs:
+        got = batched_nms(boxes, scores, idxs, 0.6)
+    assert syncs.in_file("maskrcnn/ops/nms.py") > 0  # the torch backend ran
+    assert torch.equal(got, expected)
+
+
+def test_pooler_reads_once_plus_twice_per_level():
+    """One read of the per-level counts, and per occupied level RoIAlign's merge window and its pair list;
+    the same for 8 RoIs as for 800."""
+    pooler = MultiLevelPooler(output_size=7, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio=2)
+    features = [torch.rand(1, 4, 256 // s, 256 // s) for s in (4, 8, 16, 32)]
+    sides = torch.tensor([60.0, 150.0, 300.0, 600.0])  # levels 2, 3, 4, 5 (canonical 224 px at level 4)
+    for per_level in (2, 200):
+        side = sides.repeat(per_level)
+        boxes = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], dim=1)
+        with count_syncs() as syncs:
+            pooler(features, [boxes])
+        assert syncs.total == 1 + 2 * 4, syncs.report()
+
+
+def tiny_c4(**roi_heads):
+    """A C4 model at 64 px (one feature map, so no level assignment varies with the boxes)."""
+    cfg = get_config("R-18-FPN-small")
+    cfg.num_classes = 4
+    cfg.backbone.kind = "c4"
+    cfg.roi_heads.box_head = "mlp"
+    cfg.rpn.anchor_sizes = ((16, 32, 64),)
+    cfg.input.min_size, cfg.input.max_size = (64,), 64
+    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 200, 100
+    for key, value in roi_heads.items():
+        setattr(cfg.roi_heads, key, value)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def outside_nms(syncs) -> int:
+    return syncs.total - syncs.in_file("maskrcnn/ops/nms.py")
+
+
+def test_inference_reads_do_not_grow_with_detections():
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))]
+    counts = {}
+    for wanted in (1, 100):
+        model = tiny_c4(score_thresh=0.0, detections_per_img=wanted).eval()
+        with torch.no_grad(), device_paths(), count_syncs() as syncs:
+            (out,) = model(images)
+        assert len(out["boxes"]) == wanted and out["masks"].shape[0] == wanted
+        counts[wanted] = outside_nms(syncs)
+    assert counts[1] == counts[100], counts
+    # RPN: 1 nonzero + 1 read of the counts; box and mask pooling: 2 each; detections: 1 nonzero
+    assert counts[100] <= 7, counts
+
+
+def test_training_reads_do_not_grow_with_objects():
+    def targets(n):
+        g = torch.Generator().manual_seed(3)
+        xy = torch.rand(n, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 16], dim=1)
+        masks = torch.zeros(n, 64, 64, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        return {"boxes": boxes, "labels": torch.arange(n) % 3 + 1, "masks": masks}
+
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4)) for _ in range(2)]
+    counts = {}
+    for n in (1, 8):
+        model = tiny_c4().train()
+        with device_paths(), count_syncs() as syncs:
+            losses = model(images, [targets(n), targets(n)])
+            sum(losses.values()).backward()
+        counts[n] = outside_nms(syncs)
+    assert counts[1] == counts[8], counts
