@@ -115,19 +115,12 @@ def count_syncs(roots: dict[str, str] | None = None, extra_ops=()):
 
 @contextlib.contextmanager
 def device_paths():
-    """CPU tensors take the code paths of other devices (NMS: torch backend, device block sizes)."""
-    nms_module = importlib.import_module("maskrcnn.ops.nms")  # maskrcnn.ops.nms is also a function
-    saved = {k: getattr(nms_module, k) for k in ("_nms", "_CPU_BLOCK", "_CPU_TILE_ELEMS")}
-    original = saved["_nms"]
-
-    def torch_backend(boxes, scores, idxs, iou_threshold, backend=None):
-        return original(boxes, scores, idxs, iou_threshold, backend="torch")
-
+    """CPU tensors take the code paths of other devices (``maskrcnn.ops.device.host_reads_stall`` is true:
+    NMS's torch backend with the device block sizes, ...)."""
+    device_module = importlib.import_module("maskrcnn.ops.device")
+    original = device_module.host_reads_stall
     try:
-        nms_module._nms = torch_backend
-        nms_module._CPU_BLOCK = nms_module._DEVICE_BLOCK
-        nms_module._CPU_TILE_ELEMS = nms_module._DEVICE_TILE_ELEMS
+        device_module.host_reads_stall = lambda device: True
         yield
     finally:
-        for k, v in saved.items():
-            setattr(nms_module, k, v)
+        device_module.host_reads_stall = original

@@ -1,6 +1,8 @@
 """``python -m benchmarks``: the machine kind it files results under; it replaces only its own section.
 benchmarks/val_noise.py: its bootstrap shortcut against pycocotools from scratch."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,19 @@ def _summarized(ev):
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+def test_syncs_script_counts_our_reads(capsys):
+    """benchmarks/syncs.py, ours only and small: a table row with reads per call and per iteration."""
+    from tests.common import COCO_MINI
+
+    if not os.path.isdir(COCO_MINI):
+        pytest.skip("needs ../shared/data/coco-mini")
+    from benchmarks.syncs import main
+
+    shared = os.path.dirname(os.path.dirname(COCO_MINI))
+    args = ["--shared", shared, "--no-torchvision", "--images", "1", "--size", "320", "--train-size", "128"]
+    assert main(args) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| maskrcnn |")]
+    reads, _, per_iteration = (cell.strip() for cell in row.split("|")[2:5])
+    assert int(reads.split()[0]) > 0 and int(per_iteration) > 0
