@@ -26,8 +26,8 @@ after each):
 4. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
    forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
    NMS keeps the same boxes as torchvision's or the script says so;
-5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time and
-   the iteration's wall time against its GPU time;
+5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time,
+   the iteration's wall time against its GPU time, and its host-device synchronisations;
 6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed;
 7. ``layout``: ``train``'s first run with ours in NCHW (is channels-last, ``fast_layout``'s choice on CUDA,
    the faster one there?).
@@ -374,7 +374,11 @@ def part_profile(args, device, tv) -> list[str]:
     table = events.table(sort_by=key, row_limit=12 if args.quick else 25)
     busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 if on_gpu else float("nan")
     what = f"{cfg.backbone.name}-FPN, batch {batch} at {size}"
-    summary = f"{what}: {fmt_ms(wall)} ms per iteration (wall); GPU busy {busy:.1f} ms of the profiled one."
+    syncs = _syncs_in(step)  # the CPU estimate of the same: benchmarks/syncs.py
+    summary = (
+        f"{what}: {fmt_ms(wall)} ms per iteration (wall); GPU busy {busy:.1f} ms of the profiled one;"
+        f" host-device synchronisations of one iteration: {syncs}."
+    )
     return [summary, "", "```", table, "```"]
 
 
