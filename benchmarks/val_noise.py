@@ -10,60 +10,23 @@ per split size N in ``--sizes``:
 * the bootstrap standard error of an N-image split: the std of the AP over ``--samples`` splits of N images
   drawn with replacement from all of ``A``'s images (an image drawn twice counts twice).
 
-pycocotools matches detections to ground truth once per image (``COCOeval.evaluate``); each resampled split
-only re-accumulates those per-image matches in its own image order, so a sample costs one
-``COCOeval.accumulate``.
+Each resampled split re-accumulates pycocotools' per-image matches (``maskrcnn.engine.resample``): one
+``COCOeval.accumulate`` per sample.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
+import os
+import sys
 
 import numpy as np
 
-
-def _summary(ev) -> tuple[float, float]:
-    """AP (IoU .50:.95) and AP50, all areas, 100 detections: pycocotools' first two summary numbers."""
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] for area "all", maxDets 100
-    ap = precision[precision > -1]
-    ap50 = precision[0][precision[0] > -1]
-    return float(ap.mean()) if ap.size else -1.0, float(ap50.mean()) if ap50.size else -1.0
-
-
-class Resampler:
-    """One ``COCOeval`` of all images, re-accumulated over any list of its images (repeats allowed)."""
-
-    def __init__(self, coco_gt, coco_dt, iou_type: str) -> None:
-        from pycocotools.cocoeval import COCOeval
-
-        self.ev = COCOeval(coco_gt, coco_dt, iou_type)
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.ev.evaluate()
-        self.img_ids = list(self.ev.params.imgIds)  # the order of evalImgs' innermost index
-        self.evaluated = self.ev.evalImgs
-        self.params = copy.deepcopy(self.ev._paramsEval)
-
-    def ap(self, picks: np.ndarray) -> tuple[float, float]:
-        """AP and AP50 of the split made of ``self.img_ids[p]`` for each ``p`` in ``picks``."""
-        n_img, n_area = len(self.img_ids), len(self.params.areaRng)
-        n_cat = len(self.params.catIds) if self.params.useCats else 1
-        ev = self.ev
-        ev.evalImgs = [
-            self.evaluated[k * n_area * n_img + a * n_img + int(i)]
-            for k in range(n_cat)
-            for a in range(n_area)
-            for i in picks
-        ]
-        params = copy.copy(self.params)
-        params.imgIds = list(range(len(picks)))  # positions, so that a repeated image is a separate entry
-        ev.params, ev._paramsEval = params, copy.copy(params)
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev.accumulate()
-        return _summary(ev)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from maskrcnn.engine.resample import Resampler  # noqa: E402
 
 
 def main() -> None:
@@ -94,8 +57,9 @@ def main() -> None:
         for n in args.sizes:
             if n > len(order):
                 raise SystemExit(f"--sizes {n}: the split has only {len(order)} images")
-            first = resampler.ap(order[:n])
-            boot = np.array([resampler.ap(rng.integers(0, len(order), size=n)) for _ in range(args.samples)])
+            first = resampler.ap(order[:n])[:2]
+            draws = [resampler.ap(rng.integers(0, len(order), size=n))[:2] for _ in range(args.samples)]
+            boot = np.array(draws)
             std = boot.std(axis=0, ddof=1)
             print(f"| {name} | {n} | {first[0]:.4f} | {first[1]:.4f} | {std[0]:.4f} | {std[1]:.4f} |")
 
