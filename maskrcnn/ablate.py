@@ -19,7 +19,9 @@ budget allows; the note under each table says so.
 Output (``--output-dir``, default ``runs/ablate``): ``data/`` (the shapes data), ``runs/<variant>-s<seed>/``
 (each a resumable training run with its ``result.json``), ``ablations.json`` (every run's metrics),
 ``ablations.md`` (a table per paper table: mean +- std over seeds beside the paper's numbers, and whether
-the paper's direction holds) and ``ablations.png`` (mask AP and AP75 per variant). A finished run is not
+the paper's direction holds: a difference counts beyond twice the combined spread of the seeds and of the
+val images, the latter from a paired bootstrap over the val images, :func:`_image_noise`) and
+``ablations.png`` (mask AP and AP75 per variant). A finished run is not
 run again; an interrupted one resumes from its last checkpoint, so rerunning the same command continues. A
 finished run asked for on another val split (``--num-val``) is evaluated again from its ``model_final.pt``
 (into ``eval_val<N>/``; its ``result.json`` keeps the earlier scores), not retrained; runs of another
@@ -41,6 +43,7 @@ from maskrcnn.config import Config, ConfigError, ModelConfig, SolverConfig, appl
 __all__ = ["TABLES", "Variant", "Table", "ablation_config", "run_ablation", "write_report"]
 
 _METRICS = ("AP", "AP50", "AP75")
+BOOTSTRAP_SAMPLES = 100  # val splits drawn for the image noise of each comparison
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +362,7 @@ def run_ablation(
     runs = [(v, s) for v in variants for s in range(seeds)]
 
     def run_dir(v: Variant, s: int) -> str:
-        return os.path.join(output_dir, "runs", f"{v.key}-s{s}")
+        return _run_dir(output_dir, v.key, s)
 
     def settings(v: Variant, s: int) -> dict:
         return {
@@ -455,9 +458,72 @@ def run_ablation(
         "num_val": num_val,
         "runs": [done[(v.key, s)] for v, s in runs],
     }
+    # ~0.3 ms per val image and draw to re-accumulate one run's matches (pycocotools; 2 cores)
+    minutes = len(runs) * BOOTSTRAP_SAMPLES * num_val * 0.0003 / 60
+    print(
+        f"[ablate] how much each comparison moves with the val images: {BOOTSTRAP_SAMPLES} draws of the"
+        f" {num_val} val images, every run scored on each (about {max(minutes, 0.1):.1f} min)"
+    )
+    summary["image_noise"] = _image_noise(summary, output_dir)
+    summary["bootstrap_samples"] = BOOTSTRAP_SAMPLES
     write_report(summary, output_dir)
     print(f"[ablate] {os.path.join(output_dir, 'ablations.md')} (+ ablations.json, ablations.png)")
     return summary
+
+
+def _run_dir(output_dir: str, key: str, seed: int) -> str:
+    return os.path.join(output_dir, "runs", f"{key}-s{seed}")
+
+
+def _detections_file(output_dir: str, record: dict) -> str:
+    """A run's detections on the val split its ``result.json`` was scored on (a finished run scored again
+    on another split keeps them in ``eval_val<N>/``)."""
+    sub = f"eval_val{record['num_val']}" if "earlier_evals" in record else "eval_final"
+    return os.path.join(_run_dir(output_dir, record["variant"], record["seed"]), sub, "coco_results.json")
+
+
+def _image_noise(summary: dict, output_dir: str, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict:
+    """How much each claim's difference moves with the val images: a paired bootstrap. ``samples`` splits
+    are drawn with replacement from the val images, every run is scored on each (the same draws for all),
+    and for each claim ``(a, b)`` of the summary's tables the std over the draws of (a's mean mask AP over
+    seeds - b's) is returned, in points: ``{"a|b": {"AP": std, "AP75": std}}``. Missing detections: ``{}``.
+    """
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+
+    from maskrcnn.engine.resample import Resampler
+
+    claims = {(a, b) for key in summary["tables"] for a, b, _ in TABLES[key].claims}
+    wanted = {k for pair in claims for k in pair}
+    records = [r for r in summary["runs"] if r["variant"] in wanted]
+    missing = [f for f in (_detections_file(output_dir, r) for r in records) if not os.path.isfile(f)]
+    if missing:
+        print(f"[ablate] the val images' noise is left out: {missing[0]} is missing")
+        return {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(os.path.join(output_dir, "data", "annotations", "instances_val.json"))
+    n = len(gt.getImgIds())
+    draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    totals: dict[str, np.ndarray] = {}
+    for r in records:
+        with open(_detections_file(output_dir, r)) as fh:
+            found = [d for d in json.load(fh) if "segmentation" in d]
+        scores = np.zeros((samples, 2))  # no detections: AP 0 on every draw
+        if found:
+            with contextlib.redirect_stdout(io.StringIO()):
+                resampler = Resampler(gt, gt.loadRes(found), "segm")
+            for i, picks in enumerate(draws):
+                ap, _, ap75 = resampler.ap(picks)
+                scores[i] = max(ap, 0.0), max(ap75, 0.0)
+        totals[r["variant"]] = totals.get(r["variant"], 0) + scores / summary["seeds"]
+    out = {}
+    for a, b in sorted(claims):
+        std = 100 * (totals[a] - totals[b]).std(axis=0, ddof=1)
+        out[f"{a}|{b}"] = {"AP": round(float(std[0]), 3), "AP75": round(float(std[1]), 3)}
+    return out
 
 
 def _stats(summary: dict, key: str, task: str, metric: str) -> tuple[float, float]:
@@ -468,19 +534,26 @@ def _stats(summary: dict, key: str, task: str, metric: str) -> tuple[float, floa
 
 def _judge(summary: dict, a: str, b: str, kind: str, label: dict[str, str]) -> str:
     """Whether the paper's claim holds here, in mask AP (and AP75 for '>'): a difference counts when it is
-    larger than twice the seeds' spread (with one seed: 1 AP point)."""
+    larger than twice the combined spread of the seeds (each variant's std) and of the val images (the
+    paired bootstrap of :func:`_image_noise`, where the summary has it); with one seed, at least 1 AP point.
+    "About equal" holds within that noise, or within 1 point."""
     parts = []
     for metric in ("AP", "AP75") if kind == ">" else ("AP",):
         (ma, sa), (mb, sb) = _stats(summary, a, "segm", metric), _stats(summary, b, "segm", metric)
         diff = ma - mb
-        noise = 2 * math.hypot(sa, sb) if summary["seeds"] > 1 else 1.0
+        images = summary.get("image_noise", {}).get(f"{a}|{b}", {}).get(metric, 0.0)
+        if summary["seeds"] > 1:
+            noise = 2 * math.sqrt(sa**2 + sb**2 + images**2)
+        else:
+            noise = max(1.0, 2 * images)
         if kind == ">":
             verdict = (
                 "holds" if diff > noise else ("same direction, within noise" if diff > 0 else "does not hold")
             )
         else:
-            verdict = "holds" if abs(diff) <= max(noise, 1.0) else "does not hold"
-        parts.append(f"{metric} {diff:+.1f} ({verdict})")
+            noise = max(noise, 1.0)
+            verdict = "holds" if abs(diff) <= noise else "does not hold"
+        parts.append(f"{metric} {diff:+.1f} ({verdict}; noise {noise:.1f})")
     relation = "beats" if kind == ">" else "is about equal to"
     return f"{label[a]} {relation} {label[b]}: " + ", ".join(parts)
 
@@ -500,7 +573,10 @@ def write_report(summary: dict, output_dir: str) -> None:
         " mean"
         + (" +- std over seeds" if seeds > 1 else "")
         + "; the paper's mask AP / AP50 / AP75 on COCO minival beside them.",
-        "A difference counts when it exceeds twice the seeds' combined spread (1 AP point with one seed).",
+        "A difference counts when it exceeds its noise: twice the combined spread of the seeds and of the val"
+        " images (a paired bootstrap over the val images"
+        + (f", {summary['bootstrap_samples']} draws" if "bootstrap_samples" in summary else "")
+        + "; at least 1 AP point with one seed).",
     ]
 
     def cell(key: str, task: str, metric: str) -> str:

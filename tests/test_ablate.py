@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from maskrcnn.ablate import TABLES, _judge, ablation_config, write_report
@@ -75,18 +76,105 @@ def _summary(values: dict[str, list[float]], seeds: int) -> dict:
     return {"seeds": seeds, "runs": runs}
 
 
-def test_verdicts_count_a_difference_only_beyond_twice_the_seed_spread():
+def test_verdicts_count_a_difference_only_beyond_twice_the_noise():
     label = {"a": "A", "b": "B"}
-    # means 0.50 vs 0.40 (10 points), std 1 point each: noise 2 * sqrt(2) = 2.8 points
+    # means 0.50 vs 0.40 (10 points), std 1.41 points each: noise 2 * sqrt(2 + 2) = 4.0 points
     clear = _summary({"a": [0.49, 0.51], "b": [0.39, 0.41]}, 2)
-    assert _judge(clear, "a", "b", ">", label) == "A beats B: AP +10.0 (holds), AP75 +10.0 (holds)"
-    assert _judge(clear, "b", "a", ">", label).endswith("AP75 -10.0 (does not hold)")
-    assert "(does not hold)" in _judge(clear, "a", "b", "~", label)
+    assert _judge(clear, "a", "b", ">", label) == (
+        "A beats B: AP +10.0 (holds; noise 4.0), AP75 +10.0 (holds; noise 4.0)"
+    )
+    assert _judge(clear, "b", "a", ">", label).endswith("AP75 -10.0 (does not hold; noise 4.0)")
+    assert "(does not hold; noise 4.0)" in _judge(clear, "a", "b", "~", label)
     close = _summary({"a": [0.45, 0.51], "b": [0.44, 0.48]}, 2)  # +2 points, spread 4.2 and 2.8
-    assert "AP +2.0 (same direction, within noise)" in _judge(close, "a", "b", ">", label)
-    assert _judge(close, "a", "b", "~", label) == "A is about equal to B: AP +2.0 (holds)"
+    assert "AP +2.0 (same direction, within noise; noise 10.2)" in _judge(close, "a", "b", ">", label)
+    assert _judge(close, "a", "b", "~", label) == "A is about equal to B: AP +2.0 (holds; noise 10.2)"
     one = _summary({"a": [0.505], "b": [0.50]}, 1)  # one seed: 1 point
-    assert "AP +0.5 (same direction, within noise)" in _judge(one, "a", "b", ">", label)
+    assert "AP +0.5 (same direction, within noise; noise 1.0)" in _judge(one, "a", "b", ">", label)
+    # the val images' noise adds to the seeds': AP 2 * sqrt(2 + 2 + 36) = 12.6, AP75 2 * sqrt(2 + 2 + 1) = 4.5
+    clear["image_noise"] = {"a|b": {"AP": 6.0, "AP75": 1.0}}
+    assert _judge(clear, "a", "b", ">", label) == (
+        "A beats B: AP +10.0 (same direction, within noise; noise 12.6), AP75 +10.0 (holds; noise 4.5)"
+    )
+    one["image_noise"] = {"a|b": {"AP": 2.0}}  # one seed: twice the images' spread, at least 1 point
+    assert "(same direction, within noise; noise 4.0)" in _judge(one, "a", "b", ">", label)
+
+
+def _write_json(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+
+
+def test_image_noise_is_a_paired_bootstrap(tmp_path):
+    """Table 2e's claim (align-avg vs mlp) on 6 val images of squares: identical detections differ by 0
+    on every draw (the draws are shared); against no detections at all, the spread is that of align-avg's
+    own AP over the same draws."""
+    from pycocotools import mask as mask_util
+    from pycocotools.coco import COCO
+
+    from maskrcnn.ablate import BOOTSTRAP_SAMPLES, _image_noise
+    from maskrcnn.engine.resample import Resampler
+
+    def rle(x, y, side):
+        m = np.zeros((64, 64), dtype=np.uint8, order="F")
+        m[y : y + side, x : x + side] = 1
+        r = mask_util.encode(m)
+        return {"size": r["size"], "counts": r["counts"].decode()}
+
+    images = [{"id": i, "height": 64, "width": 64} for i in range(1, 7)]
+    truth = [
+        {
+            "id": i,
+            "image_id": i,
+            "category_id": 1,
+            "bbox": [8, 8, 20, 20],
+            "area": 400,
+            "iscrowd": 0,
+            "segmentation": rle(8, 8, 20),
+        }
+        for i in range(1, 7)
+    ]
+    _write_json(
+        str(tmp_path / "data" / "annotations" / "instances_val.json"),
+        {"images": images, "annotations": truth, "categories": [{"id": 1, "name": "square"}]},
+    )
+    # image i: a square shifted by i - 1 px (IoU falls with i), plus a false positive on odd images
+    found = [
+        {
+            "image_id": i,
+            "category_id": 1,
+            "bbox": [8 + i - 1, 8, 20, 20],
+            "score": 0.9,
+            "segmentation": rle(8 + i - 1, 8, 20),
+        }
+        for i in range(1, 7)
+    ] + [
+        {
+            "image_id": i,
+            "category_id": 1,
+            "bbox": [40, 40, 10, 10],
+            "score": 0.95,
+            "segmentation": rle(40, 40, 10),
+        }
+        for i in (1, 3, 5)
+    ]
+    runs = [{"variant": v, "seed": 0, "num_val": 6} for v in ("align-avg", "mlp")]
+    summary = {"tables": ["2e"], "seeds": 1, "runs": runs}
+    for r in runs:
+        _write_json(str(tmp_path / "runs" / f"{r['variant']}-s0" / "eval_final" / "coco_results.json"), found)
+    assert _image_noise(summary, str(tmp_path)) == {"align-avg|mlp": {"AP": 0.0, "AP75": 0.0}}
+
+    _write_json(str(tmp_path / "runs" / "mlp-s0" / "eval_final" / "coco_results.json"), [])
+    noise = _image_noise(summary, str(tmp_path))["align-avg|mlp"]
+    gt = COCO(str(tmp_path / "data" / "annotations" / "instances_val.json"))
+    alone = Resampler(gt, gt.loadRes(found), "segm")
+    draws = np.random.default_rng(0).integers(0, 6, size=(BOOTSTRAP_SAMPLES, 6))
+    own = 100 * np.array([alone.ap(p) for p in draws])[:, [0, 2]].std(axis=0, ddof=1)
+    assert noise["AP"] == pytest.approx(own[0], abs=1e-3) and noise["AP75"] == pytest.approx(own[1], abs=1e-3)
+    assert noise["AP"] > 1  # the draws matter
+
+    os.remove(str(tmp_path / "runs" / "mlp-s0" / "eval_final" / "coco_results.json"))
+    assert _image_noise(summary, str(tmp_path)) == {}  # a run without detections on file: left out
 
 
 def test_report_names_every_variant_beside_the_paper(tmp_path):
@@ -121,6 +209,8 @@ def test_ablate_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
         ("agnostic", 0),
     ]
     assert all(set(r["segm"]) == {"AP", "AP50", "AP75"} for r in summary["runs"])
+    assert set(summary["image_noise"]) == {"align-avg|softmax", "align-avg|agnostic"}
+    assert "draws of the 4 val images" in printed
     md = open(os.path.join(out, "ablations.md")).read()
     assert md.count("| sigmoid") == 2 and "| softmax (multinomial) |" in md
 
