@@ -458,8 +458,9 @@ def run_ablation(
         "num_val": num_val,
         "runs": [done[(v.key, s)] for v, s in runs],
     }
-    # ~0.3 ms per val image and draw to re-accumulate one run's matches (pycocotools; 2 cores)
-    minutes = len(runs) * BOOTSTRAP_SAMPLES * num_val * 0.0003 / 60
+    # ~0.35 ms per val image and draw to re-accumulate one run's matches (pycocotools on 2 cores of an AMD
+    # EPYC with AVX2: 0.8 min for the default's 22 runs on 50 val images, 6.3 min on 500)
+    minutes = len(runs) * BOOTSTRAP_SAMPLES * num_val * 0.00035 / 60
     print(
         f"[ablate] how much each comparison moves with the val images: {BOOTSTRAP_SAMPLES} draws of the"
         f" {num_val} val images, every run scored on each (about {max(minutes, 0.1):.1f} min)"
