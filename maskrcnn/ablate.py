@@ -495,6 +495,7 @@ def _image_noise(summary: dict, output_dir: str, *, samples: int = BOOTSTRAP_SAM
     import numpy as np
     from pycocotools.coco import COCO
 
+    from maskrcnn.engine.evaluate import results_object
     from maskrcnn.engine.resample import Resampler
 
     claims = {(a, b) for key in summary["tables"] for a, b, _ in TABLES[key].claims}
@@ -511,14 +512,8 @@ def _image_noise(summary: dict, output_dir: str, *, samples: int = BOOTSTRAP_SAM
     totals: dict[str, np.ndarray] = {}
     for r in records:
         with open(_detections_file(output_dir, r)) as fh:
-            found = [d for d in json.load(fh) if "segmentation" in d]
-        scores = np.zeros((samples, 2))  # no detections: AP 0 on every draw
-        if found:
-            with contextlib.redirect_stdout(io.StringIO()):
-                resampler = Resampler(gt, gt.loadRes(found), "segm")
-            for i, picks in enumerate(draws):
-                ap, _, ap75 = resampler.ap(picks)
-                scores[i] = max(ap, 0.0), max(ap75, 0.0)
+            resampler = Resampler(gt, results_object(gt, json.load(fh), "segm"), "segm")
+        scores = np.array([resampler.ap(picks)[::2] for picks in draws])  # [samples, (AP, AP75)]
         totals[r["variant"]] = totals.get(r["variant"], 0) + scores / summary["seeds"]
     out = {}
     for a, b in sorted(claims):

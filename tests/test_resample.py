@@ -62,3 +62,20 @@ def _summarized(ev):
         ev.accumulate()
         ev.summarize()
     return ev
+
+
+def test_all_images_once_is_the_evaluation_itself():
+    """Picking every image once gives coco_evaluate's AP, AP50 and AP75, on a results object made as it
+    makes its own (results_object: the task's field only)."""
+    from maskrcnn.engine.evaluate import coco_evaluate, results_object
+
+    truth = {1: [[10, 10, 30, 30]], 2: [[50, 50, 20, 40]], 3: [[20, 30, 40, 20]]}
+    found = [(1, [12, 11, 30, 28], 0.9), (2, [50, 58, 20, 40], 0.7), (3, [26, 30, 40, 20], 0.6)]
+    gt, _ = _coco([1, 2, 3], truth, found)
+    results = [{"image_id": i, "category_id": 1, "bbox": b, "score": s} for i, b, s in found]
+    metrics = coco_evaluate(gt, results, "bbox")
+    resampler = Resampler(gt, results_object(gt, results, "bbox"), "bbox")
+    assert resampler.ap(np.arange(3)) == pytest.approx((metrics["AP"], metrics["AP50"], metrics["AP75"]))
+    assert len({metrics["AP"], metrics["AP50"], metrics["AP75"]}) == 3  # three different numbers checked
+    empty = Resampler(gt, results_object(gt, [], "bbox"), "bbox")
+    assert empty.ap(np.array([0, 2])) == (0.0, 0.0, 0.0)  # no detections: zero, not undefined

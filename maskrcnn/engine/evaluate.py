@@ -42,6 +42,7 @@ __all__ = [
     "evaluate",
     "format_metrics_table",
     "resolve_oks_sigmas",
+    "results_object",
 ]
 
 #: Names of ``COCOeval.stats`` for boxes and masks, in its order.
@@ -136,6 +137,17 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return res
 
 
+def results_object(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
+    """pycocotools' results object of COCO results entries for one task: each entry keeps only that task's
+    field (``bbox``, ``segmentation`` or ``keypoints``), so that ``loadRes`` takes areas from it; an empty
+    object for no entries. ``results`` is not modified."""
+    keep = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
+    drop = {"bbox", "segmentation", "keypoints"} - {keep}
+    dets = [{k: v for k, v in r.items() if k not in drop} for r in results]  # loadRes writes into them
+    with contextlib.redirect_stdout(io.StringIO()):
+        return coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
+
+
 def keypoint_categories(coco_gt: COCO) -> dict[int, int]:
     """``{category id: K}`` of the categories of ``coco_gt`` that declare ``keypoints`` names."""
     return {cid: len(c["keypoints"]) for cid, c in sorted(coco_gt.cats.items()) if c.get("keypoints")}
@@ -186,15 +198,12 @@ def coco_evaluate(
     """
     if iou_type not in _IOU_TYPES:
         raise ValueError(f"iou_type must be 'bbox', 'segm' or 'keypoints', got {iou_type!r}")
-    keep = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[iou_type]
-    drop = {"bbox", "segmentation", "keypoints"} - {keep}
-    dets = [{k: v for k, v in r.items() if k not in drop} for r in results]  # loadRes writes into them
     unknown = {r["image_id"] for r in results} - set(coco_gt.imgs)
     if unknown:
         raise ValueError(
             f"results for {len(unknown)} image id(s) not in the ground truth, e.g. {min(unknown)}"
         )
-    if iou_type == "segm" and any("segmentation" not in d for d in dets):
+    if iou_type == "segm" and any("segmentation" not in d for d in results):
         raise ValueError("segm evaluation needs a 'segmentation' in every result entry")
     sigmas = None
     if iou_type == "keypoints":
@@ -206,15 +215,15 @@ def coco_evaluate(
             )
         k = next(iter(kp_cats.values()))
         sigmas = resolve_oks_sigmas(k, oks_sigmas)
-        dets = [d for d in dets if d["category_id"] in kp_cats]
-        for d in dets:
+        results = [d for d in results if d["category_id"] in kp_cats]
+        for d in results:
             if len(d.get("keypoints", ())) != 3 * k:
                 raise ValueError(
                     f"keypoint evaluation needs 'keypoints' of 3 * {k} values in every result entry of a "
                     f"keypoint category; image id {d['image_id']} has {len(d.get('keypoints', ()))}"
                 )
+    coco_dt = results_object(coco_gt, results, iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(dets) if dets else _empty_results(coco_gt)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted({int(i) for i in image_ids})
