@@ -490,6 +490,13 @@ def _distributed_worker(rank, world_size, init_file, image_dir, ann_file, out_di
         torch.distributed.destroy_process_group()
 
 
+# Before torch 2.8 (pytorch/pytorch#154976) destroying a gloo group held the GIL while joining its worker
+# threads, and a worker freeing evaluate's last broadcast needed the GIL: a deadlock at the end of this test
+# in about 1 run in 5 on a loaded 2-core machine with torch 2.4.1 (never seen with 2.13).
+_GLOO_TEARDOWN_DEADLOCKS = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8)
+
+
+@pytest.mark.skipif(_GLOO_TEARDOWN_DEADLOCKS, reason="torch < 2.8: gloo teardown can deadlock (#154976)")
 @pytest.mark.usefixtures("one_thread")  # as the workers: the same kernels on the same images, same rounding
 def test_evaluate_distributed_matches_single_process(tmp_path, data_stand_ins):
     CocoDataset = data_stand_ins
