@@ -30,6 +30,7 @@ def test_counter_sees_the_reads_and_only_them():
         x.sort()
         x.topk(3)
         torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
+        x.repeat_interleave(2)  # int repeats: the size is known on the host
         x.masked_fill(x > 3, 0)
         torch.where(x > 3, x, 0)
     assert syncs.total == 0, syncs.report()
