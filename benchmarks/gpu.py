@@ -388,19 +388,21 @@ def part_ablate(args, device, tv) -> list[str]:
     import json
     import tempfile
 
-    out = tempfile.mkdtemp(prefix="ablate-")
-    cmd = [sys.executable, "-m", "maskrcnn.cli", "ablate", "--table", "2e", "--seeds", "1"]
-    cmd += ["--device", device.type, "--output-dir", out]
-    if args.quick:
-        cmd += ["--iters", "3", "--num-train", "8", "--num-val", "4"]
-    t0 = time.time()
-    proc = _run(cmd, timeout=240)
-    wall = time.time() - t0
+    with tempfile.TemporaryDirectory(prefix="ablate-") as out:  # its data and runs (~200 MB), removed after
+        cmd = [sys.executable, "-m", "maskrcnn.cli", "ablate", "--table", "2e", "--seeds", "1"]
+        cmd += ["--device", device.type, "--output-dir", out]
+        if args.quick:
+            cmd += ["--iters", "3", "--num-train", "8", "--num-val", "4"]
+        t0 = time.time()
+        proc = _run(cmd, timeout=240)
+        wall = time.time() - t0
+        path = os.path.join(out, "ablations.json")
+        runs = None
+        if proc.returncode == 0 and os.path.exists(path):
+            with open(path) as fh:
+                runs = json.load(fh)["runs"]
     lines = [f"`{' '.join(['maskrcnn', *cmd[3:]])}`: exit {proc.returncode}, {wall / 60:.2f} min wall"]
-    path = os.path.join(out, "ablations.json")
-    if proc.returncode == 0 and os.path.exists(path):
-        with open(path) as fh:
-            runs = json.load(fh)["runs"]
+    if runs is not None:
         lines += [f"- {r['variant']}: {r['minutes']} min, mask AP {100 * r['segm']['AP']:.1f}" for r in runs]
         lines.append(f"- the default (22 runs) at this pace: about {11 * wall / 60:.0f} min")
     else:

@@ -50,6 +50,19 @@ STAGES = {
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--ops", action="store_true", help="also the top operators (torch.profiler)")
+    ap.add_argument("--weights", help="a checkpoint of the same model to start from (default: its init)")
+    ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="the training layout")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="profile-demo-") as tmp:  # its data and run folder, removed after
+        profile(args, tmp)
+
+
+def profile(args, tmp: str) -> None:
     import torch
 
     from maskrcnn.config import apply_overrides
@@ -60,16 +73,6 @@ def main() -> None:
     from maskrcnn.engine.train import build_train_dataset
     from maskrcnn.modeling.build import build_model
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--ops", action="store_true", help="also the top operators (torch.profiler)")
-    ap.add_argument("--weights", help="a checkpoint of the same model to start from (default: its init)")
-    ap.add_argument("--layout", default="auto", choices=LAYOUTS, help="the training layout")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = ap.parse_args()
-
-    tmp = tempfile.mkdtemp(prefix="profile-demo-")
     cfg = apply_overrides(demo_config(tmp), args.overrides)
     make_shapes_dataset(os.path.join(tmp, "data"), num_train=64, num_val=0, image_size=(256, 256), seed=0)
     torch.manual_seed(0)
