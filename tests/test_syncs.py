@@ -46,9 +46,9 @@ def disjoint_boxes(n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("n, reads", [(1000, 2), (3000, 6)])
 def test_nms_reads_per_block_not_per_category(n, reads):
-    """Disjoint boxes (nothing suppressed, one round per block): each block reads whether any box is
-    undecided, every block but the last shrinks the pool with one nonzero, and one more gathers the kept
-    positions: 2 reads in one block of 1024, 3 + 2 + 1 in three. Categories add none."""
+    """Disjoint boxes (nothing suppressed, settled before the first read): each block reads once whether
+    any box is undecided, every block but the last shrinks the pool with one nonzero, and one more gathers
+    the kept positions: 2 reads in one block of 1024, 3 + 2 + 1 in three. Categories add none."""
     boxes = disjoint_boxes(n)
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0))
     for idxs in (None, torch.arange(n) % 50):
@@ -56,6 +56,22 @@ def test_nms_reads_per_block_not_per_category(n, reads):
             keep = nms(boxes, scores, 0.5) if idxs is None else batched_nms(boxes, scores, idxs, 0.5)
         assert sorted(keep.tolist()) == list(range(n))
         assert syncs.total == reads, syncs.report()
+
+
+@pytest.mark.parametrize("n", [2, 9, 17])
+def test_nms_reads_every_other_round(n):
+    """A chain: box i overlaps box i + 1 only (IoU 2/3 > 0.5; 3/7 with i + 2), scores decreasing, so
+    greedy NMS keeps the even ones. Each fixed-point round settles two more boxes of the chain: the n - 1
+    suppressed-or-not boxes take ceil((n - 1) / 2) rounds, and the block reads back every second round,
+    then once more to gather the kept positions."""
+    x = torch.arange(n, dtype=torch.float32) * 2
+    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], dim=1)
+    scores = torch.linspace(1, 0.5, n)
+    with device_paths(), count_syncs() as syncs:
+        keep = nms(boxes, scores, 0.5)
+    assert keep.tolist() == list(range(0, n, 2))
+    rounds = -(-(n - 1) // 2)
+    assert syncs.total == -(-rounds // 2) + 1, syncs.report()
 
 
 def test_device_paths_give_the_cpu_results():
