@@ -1,0 +1,103 @@
+"""Every tensor a model makes lives on its inputs' device: what breaks first on a GPU, checked on the CPU.
+
+A tensor made without ``device=`` (``torch.arange(n)``, ``torch.zeros(...)``, ``torch.tensor([...])``)
+lands on the default device. On a GPU run that is the CPU, and the first op mixing it with a CUDA tensor
+raises. Here the model and its inputs are on the CPU and the default device is set to ``meta`` (a device no
+real tensor is on), so the same mistake raises the same way. The GPU code paths are taken
+(tests/syncs.py ``device_paths``), training and inference, for every model form the project builds.
+"""
+
+import pytest
+import torch
+
+from maskrcnn.config import apply_overrides, get_config
+from maskrcnn.modeling.build import build_model
+from tests.syncs import device_paths
+
+_C4 = ("backbone.kind=c4", "roi_heads.box_head=mlp", "rpn.anchor_sizes=((16, 32, 64),)")
+_C5 = ("backbone.kind=c5", "rpn.anchor_sizes=((16, 32, 64),)")
+
+FORMS = {
+    "fpn": ("R-18-FPN-small", ()),
+    "fpn-softmax-masks": ("R-18-FPN-small", ("roi_heads.mask_loss=softmax",)),
+    "fpn-agnostic-masks": ("R-18-FPN-small", ("roi_heads.class_agnostic_mask=true",)),
+    "fpn-mlp-mask-head": ("R-18-FPN-small", ("roi_heads.mask_head=mlp",)),
+    "c4-align-max": ("R-18-FPN-small", (*_C4, "roi_heads.pooler=align_max")),
+    "c4-warp-avg": ("R-18-FPN-small", (*_C4, "roi_heads.pooler=warp_avg")),
+    "c5-pool": ("R-18-FPN-small", (*_C5, "roi_heads.pooler=pool")),
+    "keypoints": ("keypoint-R-50-FPN", ("backbone.name=resnet18",)),
+}
+
+
+def build(form: str):
+    preset, overrides = FORMS[form]
+    cfg = apply_overrides(get_config(preset), list(overrides))  # a ModelConfig: keys below model.
+    cfg.num_classes = 2 if cfg.roi_heads.keypoint else 4
+    cfg.input.min_size, cfg.input.max_size = (64,), 64
+    cfg.rpn.pre_nms_topk_train, cfg.rpn.post_nms_topk_train = 300, 100
+    cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 200, 50
+    cfg.roi_heads.batch_size_per_image = 32
+    cfg.roi_heads.score_thresh = 0.0  # an untrained model: detections reach every postprocessing step
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def targets(model, n: int = 3) -> list[dict]:
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(2):
+        xy = torch.rand(n, 2, generator=g) * 30
+        boxes = torch.cat([xy, xy + 12 + torch.rand(n, 2, generator=g) * 16], dim=1)
+        t = {"boxes": boxes, "labels": torch.arange(n) % (cfg.num_classes - 1) + 1}
+        if cfg.roi_heads.mask:
+            masks = torch.zeros(n, 64, 64, dtype=torch.uint8)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+                masks[k, y1:y2, x1:x2] = 1
+            t["masks"] = masks
+        if cfg.roi_heads.keypoint:
+            k = cfg.roi_heads.num_keypoints
+            pts = boxes[:, None, :2] + torch.rand(n, k, 2, generator=g) * 12
+            t["keypoints"] = torch.cat([pts, torch.full((n, k, 1), 2.0)], dim=2)
+        out.append(t)
+    return out
+
+
+class default_device:
+    """``torch.set_default_device`` for a block (its context-manager form is not in torch 2.4)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        self.before = torch.get_default_device()
+        torch.set_default_device(self.device)
+
+    def __exit__(self, *exc):
+        torch.set_default_device(self.before)
+
+
+def test_a_tensor_made_without_device_raises_here():
+    """The check works: a stray default-device tensor meets the model's and raises, as on a GPU."""
+    x = torch.ones(3)
+    with default_device("meta"), pytest.raises(RuntimeError, match="device"):
+        x + torch.arange(3)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_model_makes_its_tensors_on_the_inputs_device(form):
+    model = build(form)
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    batch = targets(model)
+    with device_paths(), default_device("meta"):
+        model.train()
+        losses = model(images, batch)
+        sum(losses.values()).backward()
+        model.eval()
+        with torch.no_grad():
+            out = model(images)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is None or p.grad.device.type == "cpu" for p in model.parameters())
+    for o in out:
+        assert len(o["boxes"]) > 0  # postprocessing ran on detections
+        assert all(v.device.type == "cpu" for v in o.values())
