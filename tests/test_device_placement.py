@@ -1,10 +1,11 @@
-"""Every tensor a model makes lives on its inputs' device: what breaks first on a GPU, checked on the CPU.
+"""What breaks first on a GPU, checked on the CPU: a tensor made on the wrong device, and mixed precision.
 
 A tensor made without ``device=`` (``torch.arange(n)``, ``torch.zeros(...)``, ``torch.tensor([...])``)
 lands on the default device. On a GPU run that is the CPU, and the first op mixing it with a CUDA tensor
 raises. Here the model and its inputs are on the CPU and the default device is set to ``meta`` (a device no
 real tensor is on), so the same mistake raises the same way. The GPU code paths are taken
 (tests/syncs.py ``device_paths``), training and inference, for every model form the project builds.
+Mixed-precision training (``solver.amp``, CUDA only) is stood in for by the CPU's ``torch.autocast``.
 """
 
 import pytest
@@ -37,6 +38,11 @@ def build(form: str):
     cfg.rpn.pre_nms_topk_train, cfg.rpn.post_nms_topk_train = 300, 100
     cfg.rpn.pre_nms_topk_test, cfg.rpn.post_nms_topk_test = 200, 50
     cfg.roi_heads.batch_size_per_image = 32
+    # narrow (half-precision convolutions are emulated on most CPUs, and slow)
+    cfg.backbone.base_channels, cfg.backbone.fpn_channels = 16, 32
+    cfg.roi_heads.representation_size = 64
+    cfg.roi_heads.mask_head_channels = 16
+    cfg.roi_heads.keypoint_head_channels = (32,) * 4
     cfg.roi_heads.score_thresh = 0.0  # an untrained model: detections reach every postprocessing step
     torch.manual_seed(0)
     return build_model(cfg)
@@ -101,3 +107,28 @@ def test_model_makes_its_tensors_on_the_inputs_device(form):
     for o in out:
         assert len(o["boxes"]) > 0  # postprocessing ran on detections
         assert all(v.device.type == "cpu" for v in o.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["fpn", "c5-pool", "keypoints"])
+def test_mixed_precision_training_and_inference_keep_their_float32_parts(form, dtype):
+    """``solver.amp`` (CUDA only in training) runs the model under ``torch.autocast``: the CPU's autocast
+    stands in for it, so a dtype mismatch (a float32 buffer receiving half values, a half box decode) fails
+    here. Losses and every output come back float32 and finite."""
+    model = build(form)
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with device_paths(), torch.autocast("cpu", dtype=dtype):
+        model.train()
+        losses = model(images, targets(model))
+        model.eval()
+        with torch.no_grad():
+            out = model(images)
+    sum(losses.values()).backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    for o in out:
+        assert len(o["boxes"]) > 0
+        assert all(v.dtype in (torch.float32, torch.int64) for v in o.values()), {
+            k: v.dtype for k, v in o.items()
+        }
+        assert all(torch.isfinite(v).all() for v in o.values() if v.is_floating_point())
