@@ -24,7 +24,9 @@ after each):
 3. ``train``: benchmarks/train.py ``--device cuda`` (R-50-FPN, batch 8 at 800 px) without AMP and with
    bf16 autocast;
 4. ``ops``: RoIAlign (box head 7x7: 512 RoIs x 2 images over P2-P5; mask head 14x14: 64 x 2) forward and
-   forward+backward, and NMS on 1,000 / 5,000 boxes: ours against ``torchvision.ops`` (CUDA kernels);
+   forward+backward, ours one call per level (the CPU's pooler) and all levels in one pass
+   (``roi_align_levels``, the GPU's: is it the faster there?), and NMS on 1,000 / 5,000 boxes: ours
+   against ``torchvision.ops`` (CUDA kernels);
    NMS keeps the same boxes as torchvision's or the script says so;
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time,
    the iteration's wall time against its GPU time, and its host-device synchronisations;
@@ -144,7 +146,7 @@ def part_ops(args, device, tv) -> list[str]:
 
     from benchmarks.ops import make_rois
     from maskrcnn.ops.nms import nms
-    from maskrcnn.ops.roi_align import roi_align
+    from maskrcnn.ops.roi_align import roi_align, roi_align_levels
 
     gen = torch.Generator().manual_seed(0)
     scale = 4 if args.quick else 1
@@ -153,13 +155,23 @@ def part_ops(args, device, tv) -> list[str]:
     feats = [
         torch.randn(2, channels, height // s, width // s, generator=gen).to(device) for s in (4, 8, 16, 32)
     ]
-    impls = {"maskrcnn": roi_align}
+
+    def per_level(fn):  # one call per level (torchvision's MultiScaleRoIAlign; our pooler on a CPU)
+        return lambda leaves, rois, level, size: [
+            fn(leaves[i - 2], rois[level == i], size, 1 / 2**i, 2, False) for i in range(2, 6)
+        ]
+
+    def one_pass(leaves, rois, level, size):  # our pooler on a GPU
+        return [roi_align_levels(leaves, rois, level - 2, size, [1 / 2**i for i in range(2, 6)], 2, False)]
+
+    impls = {"maskrcnn, per level": per_level(roi_align), "maskrcnn, one pass": one_pass}
     if tv is not None:
-        impls["torchvision"] = tv.ops.roi_align  # the same positional signature
+        impls["torchvision"] = per_level(tv.ops.roi_align)  # the same positional signature
+    ours = [n for n in impls if n.startswith("maskrcnn")]
     lines = [
         f"| case | pass | {' | '.join(f'{n} ms' for n in impls)} |"
-        + (" torchvision / ours |" if tv is not None else ""),
-        "| --- " * (len(impls) + 2 + (tv is not None)) + "|",
+        + ("".join(f" torchvision / {n} |" for n in ours) if tv is not None else ""),
+        "| --- " * (len(impls) + 2 + (len(ours) if tv is not None else 0)) + "|",
     ]
     for case, per_image, size in (("box head 7x7", 512, (7, 7)), ("mask head 14x14", 64, (14, 14))):
         rois, level = make_rois(per_image, height=height, width=width, generator=gen, largest=640 / scale)
@@ -169,18 +181,15 @@ def part_ops(args, device, tv) -> list[str]:
             def run(fn, backward=backward, rois=rois, level=level, size=size):
                 leaves = [f.detach().requires_grad_(backward) for f in feats]
                 with torch.set_grad_enabled(backward):
-                    outs = [
-                        fn(leaves[i - 2], rois[level == i], size, 1 / 2**i, 2, False) for i in range(2, 6)
-                    ]
+                    outs = fn(leaves, rois, level, size)
                     if backward:
                         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
             times = {n: timed(lambda fn=fn: run(fn), device, runs=args.runs) for n, fn in impls.items()}
             row = " | ".join(fmt_ms(t) for t in times.values())
-            ratio = (
-                f" {statistics.median(times['torchvision']) / statistics.median(times['maskrcnn']):.2f}x |"
-                if tv is not None
-                else ""
+            ratio = "".join(
+                f" {statistics.median(times['torchvision']) / statistics.median(times[n]):.2f}x |"
+                for n in (ours if tv is not None else [])
             )
             lines.append(f"| {case} | {'forward+backward' if backward else 'forward'} | {row} |{ratio}")
     lines += [

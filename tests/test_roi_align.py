@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskrcnn.ops.roi_align import RoIAlign, RoIPool, RoIWarp, boxes_to_rois, roi_align, roi_pool, roi_warp
+from maskrcnn.ops.roi_align import (
+    RoIAlign,
+    RoIPool,
+    RoIWarp,
+    boxes_to_rois,
+    roi_align,
+    roi_align_levels,
+    roi_pool,
+    roi_warp,
+)
 from tests.reference.roi_ref import roi_align_ref, roi_pool_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -374,3 +383,64 @@ def test_cell_chunks_cover_each_image_once():
     assert mod._cell_chunks(3, 10, 4) == [(b, b * 10 + s) for b in range(3) for s in (0, 4, 8)]
     assert mod._cell_chunks(2, 5, 100) == [(0, 0), (1, 5)]
     assert mod._cell_chunks(1, 3, 0) == [(0, 0), (0, 1), (0, 2)]
+
+
+def _per_map(features, rois, levels, scales, **kw):
+    """roi_align on each map's RoIs, put back in RoI order: what roi_align_levels must equal."""
+    out = None
+    for m, (f, s) in enumerate(zip(features, scales)):
+        idx = torch.nonzero(levels == m).squeeze(1)
+        if idx.numel():
+            pooled = roi_align(f, rois[idx], 7, s, **kw)
+            out = pooled.new_zeros((len(rois),) + pooled.shape[1:]) if out is None else out
+            out = out.index_copy(0, idx, pooled)
+    return out
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize(
+    "sides",
+    [((8, 40),) * 3, ((8, 20), (200, 400), (8, 40)), ((200, 400),) * 3],
+    ids=["merged", "mixed", "raw"],
+)
+def test_levels_in_one_pass_equal_one_call_per_map_bit_for_bit(sampling_ratio, aligned, sides):
+    """Same (cell, weight) pairs in the same order, so the same sums: forward and input gradients are
+    equal, not close. RoI sides (px, per map) choose whether a map's taps are merged (its widest window
+    narrower than the taps): 8-40 px RoIs on every map (all merged); 200-400 px ones on the second map
+    (raw there, merged on the others); 200-400 px everywhere (raw on all). The coarsest map gets no RoI."""
+    g = torch.Generator().manual_seed(3)
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    features = [torch.randn(2, 5, 128 // int(1 / s) * 4, 96 // int(1 / s) * 4, generator=g) for s in scales]
+    features = [f.double().requires_grad_() for f in features]
+    k = 40
+    levels = torch.arange(k) % 3
+    lo, hi = torch.tensor(sides, dtype=torch.float64)[levels].unbind(1)
+    xy = torch.rand(k, 2, generator=g, dtype=torch.float64) * 300
+    wh = lo[:, None] + torch.rand(k, 2, generator=g, dtype=torch.float64) * (hi - lo)[:, None]
+    rois = torch.cat([torch.randint(0, 2, (k, 1), generator=g).double(), xy, xy + wh], dim=1)
+    kw = dict(sampling_ratio=sampling_ratio, aligned=aligned)
+    out = roi_align_levels(features, rois, levels, 7, scales, **kw)
+    expected = _per_map(features, rois, levels, scales, **kw)
+    assert torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    got = torch.autograd.grad(out, features, grad)
+    want = torch.autograd.grad(expected, features, grad, allow_unused=True)  # no RoI on the coarsest
+    assert all(torch.equal(a, torch.zeros_like(a) if b is None else b) for a, b in zip(got, want))
+
+
+def test_levels_in_one_pass_layouts_dtypes_and_no_rois():
+    g = torch.Generator().manual_seed(4)
+    scales = [1 / 4, 1 / 8]
+    features = [torch.randn(1, 3, 32, 32, generator=g), torch.randn(1, 3, 16, 16, generator=g)]
+    rois = torch.tensor([[0, 2.0, 3, 40, 50], [0, 10, 10, 120, 90], [0, 0, 0, 20, 20]])
+    levels = torch.tensor([0, 1, 0])
+    out = roi_align_levels(features, rois, levels, 7, scales, sampling_ratio=2)
+    assert out.shape == (3, 3, 7, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    last = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    assert torch.equal(roi_align_levels(last, rois, levels, 7, scales, sampling_ratio=2), out)
+    half = roi_align_levels([f.bfloat16() for f in features], rois, levels, 7, scales, sampling_ratio=2)
+    assert half.dtype == torch.bfloat16
+    assert roi_align_levels(features, rois[:0], levels[:0], 7, scales).shape == (0, 3, 7, 7)
+    with pytest.raises(ValueError, match="one scale per feature map"):
+        roi_align_levels(features, rois, levels, 7, scales[:1])

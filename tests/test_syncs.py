@@ -1,7 +1,7 @@
 """Host reads (host-device synchronisations on a GPU) in the hot path, counted on the CPU (tests/syncs.py).
 
 What is asserted: the counter sees what it should; NMS reads back a number of times fixed by its blocks and
-rounds, not by its categories; the pooler reads back once plus twice per occupied level; and a whole model
+rounds, not by its categories; the pooler reads back twice on a GPU, whatever the levels; and a whole model
 reads back as often for one detection as for a hundred, and for one ground-truth object as for eight.
 """
 
@@ -87,18 +87,25 @@ def test_device_paths_give_the_cpu_results():
     assert torch.equal(got, expected)
 
 
-def test_pooler_reads_once_plus_twice_per_level():
-    """One read of the per-level counts, and per occupied level RoIAlign's merge window and its pair list;
-    the same for 8 RoIs as for 800."""
+def test_pooler_reads_twice_whatever_the_levels_on_devices():
+    """On a GPU, RoIAlign over all levels in one pass: one read of the merge windows and one of the pair
+    list, for 8 RoIs or 800, on one level or four; its backward reads twice too (the chunk bounds, the
+    touched cells). On a CPU, one pass per level: one read of the level counts, two per occupied level."""
     pooler = MultiLevelPooler(output_size=7, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio=2)
-    features = [torch.rand(1, 4, 256 // s, 256 // s) for s in (4, 8, 16, 32)]
+    features = [torch.rand(1, 4, 256 // s, 256 // s, requires_grad=True) for s in (4, 8, 16, 32)]
     sides = torch.tensor([60.0, 150.0, 300.0, 600.0])  # levels 2, 3, 4, 5 (canonical 224 px at level 4)
-    for per_level in (2, 200):
-        side = sides.repeat(per_level)
+    for side, levels in ((sides.repeat(2), 4), (sides.repeat(200), 4), (sides[:1].repeat(8), 1)):
         boxes = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], dim=1)
+        with device_paths():
+            with count_syncs() as syncs:
+                out = pooler(features, [boxes])
+            assert syncs.total == 2, syncs.report()
+            with count_syncs() as syncs:
+                out.sum().backward()
+            assert syncs.total == 2, syncs.report()
         with count_syncs() as syncs:
             pooler(features, [boxes])
-        assert syncs.total == 1 + 2 * 4, syncs.report()
+        assert syncs.total == 1 + 2 * levels, syncs.report()
 
 
 def tiny_c4(**roi_heads):

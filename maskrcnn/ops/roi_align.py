@@ -28,6 +28,9 @@ with nonzero weight (at most ``(2s)^2``, fewer once coinciding rows/columns are 
 with ``embedding_bag`` (a bag-sum), on the ``[N*H*W, C]`` channels-last view of the features. Backward
 is the transposed map: the pairs sorted by cell, and a bag-sum of the output gradient per touched cell,
 over ranges of cells (see ``_BagSum``). Memory stays at the size of the output plus the pairs.
+:func:`roi_align_levels` does the same for RoIs on several maps at once (FPN levels), from one table of
+all maps' cells: two host reads in all instead of two per map (what a GPU waits for), for a copy of the
+maps (what a CPU pays more for).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["roi_align", "roi_pool", "roi_warp", "RoIAlign", "RoIPool", "RoIWarp", "boxes_to_rois"]
+__all__ = [
+    "roi_align",
+    "roi_align_levels",
+    "roi_pool",
+    "roi_warp",
+    "RoIAlign",
+    "RoIPool",
+    "RoIWarp",
+    "boxes_to_rois",
+]
 
 
 def _pair(output_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -83,19 +95,28 @@ def _channels_last_rows(input: Tensor) -> Tensor:
     return input.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
-def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: int, sampling_ratio: int):
+def _grid_sizes(gy: Tensor, gx: Tensor, sampling_ratio: int) -> tuple[int, int]:
+    """The most samples per bin along y and x over all RoIs: ``sampling_ratio``, or (adaptive) read back
+    from the device, both axes at once (at least 1)."""
+    if sampling_ratio > 0:
+        return int(sampling_ratio), int(sampling_ratio)
+    if gy.numel() == 0:
+        return 1, 1
+    g_y, g_x = torch.stack([gy.max(), gx.max()]).clamp(min=1).tolist()
+    return g_y, g_x
+
+
+def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: int | Tensor, g_max: int):
     """Bilinear sample taps along one axis.
 
-    start, length, grid: ``[K]`` (grid = samples per bin, per RoI: ``sampling_ratio`` where it is > 0).
-    Returns, for ``[K, bins, G]`` samples (``G = max grid``, read back from the device only for an
-    adaptive ``sampling_ratio``): ``lo, hi`` cell indices (int64) and ``w_lo, w_hi`` weights, zero for
-    samples that are past the RoI's grid or more than one cell outside ``[0, size]``.
+    start, length, grid: ``[K]`` (grid = samples per bin, per RoI); size: the map's length along the
+    axis, an int or per RoI ``[K]`` (each RoI's own map); g_max: the largest grid (:func:`_grid_sizes`).
+    Returns, for ``[K, bins, g_max]`` samples: ``lo, hi`` cell indices (int64) and ``w_lo, w_hi`` weights,
+    zero for samples that are past the RoI's grid or more than one cell outside ``[0, size]``.
     """
-    if sampling_ratio > 0:
-        g_max = int(sampling_ratio)
-    else:
-        g_max = max(int(grid.max().item()) if grid.numel() else 0, 1)
     dtype = start.dtype
+    if isinstance(size, Tensor):
+        size = size.view(-1, 1, 1)
     b = torch.arange(bins, device=start.device, dtype=dtype).view(1, bins, 1)
     i = torch.arange(g_max, device=start.device, dtype=dtype).view(1, 1, g_max)
     bin_size = (length / bins).view(-1, 1, 1)
@@ -106,7 +127,7 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: 
     pos = pos.clamp(min=0)
     lo = pos.floor().long()  # pos >= 0 so floor == truncation
     at_edge = lo >= size - 1
-    lo = torch.where(at_edge, torch.full_like(lo, size - 1), lo)
+    lo = torch.where(at_edge, size - 1, lo)
     hi = torch.where(at_edge, lo, lo + 1)
     frac = torch.where(at_edge, torch.zeros_like(pos), pos - lo.to(dtype))
     zero = torch.zeros_like(frac)
@@ -119,34 +140,45 @@ def _axis_samples(start: Tensor, length: Tensor, bins: int, grid: Tensor, size: 
 
 def _taps(lo: Tensor, hi: Tensor, w_lo: Tensor, w_hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The raw taps of each bin along one axis, ``[K, bins, 2G]`` (index, weight), the first tapped cell
-    of each bin ``[K, bins, 1]`` and the widest window of tapped cells (a 0-dim tensor, >= 1)."""
+    of each bin ``[K, bins, 1]`` and each RoI's widest window of tapped cells ``[K]`` (>= 1)."""
     taps_idx = torch.cat([lo, hi], dim=2)
     taps_w = torch.cat([w_lo, w_hi], dim=2)
     if taps_idx.numel() == 0:
-        return taps_idx, taps_w, taps_idx[..., :1], torch.ones((), dtype=torch.int64, device=lo.device)
+        return (
+            taps_idx,
+            taps_w,
+            taps_idx[..., :1],
+            torch.ones(lo.shape[0], dtype=torch.int64, device=lo.device),
+        )
     big = torch.iinfo(torch.int64).max
     used = taps_w != 0
     first = torch.where(used, taps_idx, torch.full_like(taps_idx, big)).amin(dim=2, keepdim=True)
     last = torch.where(used, taps_idx, torch.full_like(taps_idx, -1)).amax(dim=2, keepdim=True)
     first = torch.where(first == big, torch.zeros_like(first), first)
-    return taps_idx, taps_w, first, (last - first + 1).clamp(min=1).max()
+    return taps_idx, taps_w, first, (last - first + 1).clamp(min=1).amax(dim=(1, 2))
 
 
-def _merge_taps(taps_idx: Tensor, taps_w: Tensor, first: Tensor, span: int) -> tuple[Tensor, Tensor]:
+def _merge_taps(
+    taps_idx: Tensor, taps_w: Tensor, first: Tensor, span: int, raw: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-bin weight lists ``[K, bins, R]`` (index, weight) summing all samples of a bin along one axis,
-    from :func:`_taps` (``span`` read back on the host).
+    from :func:`_taps` (``span``, the window, read back on the host).
 
-    Consecutive samples mostly share cells, so the taps are merged into a window of rows starting at the
-    first tapped cell when that window is short; otherwise the raw taps are kept (duplicates are fine:
-    the bag-sum adds them).
+    Consecutive samples mostly share cells, so the taps are merged into a window of ``span`` rows starting
+    at the first tapped cell when that window is shorter than the raw taps; otherwise the raw taps are kept
+    (duplicates are fine: the bag-sum adds them). ``raw`` (bool ``[K]``, with ``span`` = the taps) keeps
+    the raw taps of some RoIs only (those of a map whose window is not shorter).
     """
     k, bins, taps = taps_idx.shape
-    if taps_idx.numel() == 0 or span >= taps:
+    if taps_idx.numel() == 0 or span >= taps and raw is None:
         return taps_idx, taps_w
     rel = (taps_idx - first).clamp(0, span - 1)
     merged_w = torch.zeros(k, bins, span, dtype=taps_w.dtype, device=taps_w.device)
     merged_w.scatter_add_(2, rel, taps_w)
     merged_idx = first + torch.arange(span, device=taps_idx.device)
+    if raw is not None:
+        keep = raw.view(-1, 1, 1)
+        merged_idx, merged_w = torch.where(keep, taps_idx, merged_idx), torch.where(keep, taps_w, merged_w)
     return merged_idx, merged_w
 
 
@@ -170,17 +202,36 @@ def _roi_geometry(rois: Tensor, output_size, spatial_scale: float, sampling_rati
     return y1, rh, gy, x1, rw, gx
 
 
-def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height, width):
-    """(cell index, weight, offsets) of the sparse bin <- cell map, bins ordered (k, oh, ow)."""
+def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height, width, maps=None):
+    """(cell index, weight, offsets) of the sparse bin <- cell map, bins ordered (k, oh, ow).
+
+    One map: ``spatial_scale``, ``height``, ``width`` numbers, cell ``(n*H + y)*W + x``. Several maps
+    (``maps = (map of each RoI [K], first row of each map [M], number of maps M)``): those three are per
+    RoI ``[K]`` (its map's), and cells are numbered across the maps, map after map. The taps are merged
+    (:func:`_merge_taps`) or not per map, by that map's widest window, as one call per map would."""
     oh, ow = output_size
     y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    ty = _taps(*_axis_samples(y1, rh, oh, gy, height, sampling_ratio))
-    tx = _taps(*_axis_samples(x1, rw, ow, gx, width, sampling_ratio))
-    span_y, span_x = torch.stack([ty[3], tx[3]]).tolist()  # both windows in one read back
-    ry, wy = _merge_taps(*ty[:3], span_y)
-    rx, wx = _merge_taps(*tx[:3], span_x)
+    g_y, g_x = _grid_sizes(gy, gx, sampling_ratio)
+    ty = _taps(*_axis_samples(y1, rh, oh, gy, height, g_y))
+    tx = _taps(*_axis_samples(x1, rw, ow, gx, width, g_x))
+    if maps is None:
+        span_y, span_x = torch.stack([ty[3].max(), tx[3].max()]).tolist()  # both windows in one read back
+        ry, wy = _merge_taps(*ty[:3], span_y)
+        rx, wx = _merge_taps(*tx[:3], span_x)
+        first_row = 0
+    else:
+        roi_map, map_rows, num_maps = maps
+        widest = torch.zeros(2, num_maps, dtype=torch.int64, device=rois.device)
+        widest.scatter_reduce_(1, roi_map.expand(2, -1), torch.stack([ty[3], tx[3]]), "amax")
+        (ry, wy), (rx, wx) = (
+            _merge_per_map(t, spans, roi_map)
+            for t, spans in zip((ty, tx), widest.tolist())  # one read
+        )
+        first_row = map_rows[roi_map].view(-1, 1, 1, 1, 1)
     count = (gy * gx).clamp(min=1).to(wy.dtype).view(-1, 1, 1, 1, 1)
-    base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
+    if isinstance(height, Tensor):
+        height, width = height.view(-1, 1, 1, 1, 1), width.view(-1, 1, 1, 1, 1)
+    base = first_row + rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
     # [K, oh, ow, Ry, Rx]
     index = base + ry[:, :, None, :, None] * width + rx[:, None, :, None, :]
     weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count
@@ -190,6 +241,18 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     keep = weight != 0
     pairs = torch.nonzero(keep.reshape(-1)).squeeze(1)  # one read back for both lists
     return index.reshape(-1)[pairs], weight.reshape(-1)[pairs], _offsets(keep.sum(dim=1))
+
+
+def _merge_per_map(taps, spans: list[int], roi_map: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_merge_taps` with each map's own choice: ``spans`` the widest window of each map's RoIs."""
+    num_taps = taps[0].shape[-1]
+    raw_maps = [s >= num_taps for s in spans]
+    if all(raw_maps):
+        return taps[0], taps[1]
+    if not any(raw_maps):
+        return _merge_taps(*taps[:3], max(spans))
+    raw = torch.tensor(raw_maps, device=roi_map.device)[roi_map]
+    return _merge_taps(*taps[:3], num_taps, raw)
 
 
 def _offsets(counts: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -203,8 +266,9 @@ def _sample_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, hei
     """Per-sample 4-tap (cell, weight) bags for max aggregation; bags ordered (k, oh, ow, gy, gx)."""
     oh, ow = output_size
     y1, rh, gy, x1, rw, gx = _roi_geometry(rois, output_size, spatial_scale, sampling_ratio, aligned)
-    ylo, yhi, wylo, wyhi = _axis_samples(y1, rh, oh, gy, height, sampling_ratio)  # [K, oh, Gy]
-    xlo, xhi, wxlo, wxhi = _axis_samples(x1, rw, ow, gx, width, sampling_ratio)  # [K, ow, Gx]
+    g_y, g_x = _grid_sizes(gy, gx, sampling_ratio)
+    ylo, yhi, wylo, wyhi = _axis_samples(y1, rh, oh, gy, height, g_y)  # [K, oh, Gy]
+    xlo, xhi, wxlo, wxhi = _axis_samples(x1, rw, ow, gx, width, g_x)  # [K, ow, Gx]
     ys = torch.stack([ylo, ylo, yhi, yhi], dim=-1)[:, :, None, :, None, :]  # [K, oh, 1, Gy, 1, 4]
     xs = torch.stack([xlo, xhi, xlo, xhi], dim=-1)[:, None, :, None, :, :]  # [K, 1, ow, 1, Gx, 4]
     wys = torch.stack([wylo, wylo, wyhi, wyhi], dim=-1)[:, :, None, :, None, :]
@@ -370,6 +434,66 @@ def roi_align(
         samples = samples.masked_fill(missing, -math.inf)
         out = samples.max(dim=3).values
         out = out.masked_fill(missing.all(dim=3), 0.0)
+    return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
+
+
+def roi_align_levels(
+    features: list[Tensor] | tuple[Tensor, ...],
+    rois: Tensor,
+    levels: Tensor,
+    output_size: int | tuple[int, int],
+    scales: list[float] | tuple[float, ...],
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign (average) of each RoI from its own feature map, all maps in one pass.
+
+    Args:
+        features: ``M`` maps ``[N, C, H_m, W_m]`` (same ``N``, ``C`` and dtype).
+        rois: ``[K, 5]`` (batch_index, x1, y1, x2, y2) in image pixels.
+        levels: ``[K]`` int64, the map of each RoI (``0 .. M-1``).
+        output_size, sampling_ratio, aligned: as :func:`roi_align`; scales: ``spatial_scale`` of each map.
+    Returns:
+        ``[K, C, oh, ow]`` (channels-last memory), equal to ``roi_align(features[m], rois[levels == m],
+        ...)`` for every ``m``, bit for bit, gradients too: the same (cell, weight) pairs in the same order.
+        The maps' channels-last rows are concatenated into one table (a copy), and every RoI's bins are
+        summed from it by one bag-sum: two host reads in all (the window and the pair count), not two per
+        map.
+    """
+    output_size = _pair(output_size)
+    if len(features) != len(scales) or not features:
+        raise ValueError(f"one scale per feature map: {len(features)} maps, {len(scales)} scales")
+    ref = features[0]
+    out_dtype = ref.dtype
+    maps = [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in features]
+    rois = boxes_to_rois(rois).detach().to(device=ref.device, dtype=maps[0].dtype)
+    n, c = maps[0].shape[:2]
+    k = rois.shape[0]
+    oh, ow = output_size
+    table = torch.cat([_channels_last_rows(m) for m in maps])  # [sum N*H_m*W_m, C]
+    if k == 0 or table.shape[0] == 0:
+        return (table.sum() * 0 + table.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
+    with torch.no_grad():
+        levels = levels.to(device=ref.device, dtype=torch.int64)
+        sizes = torch.tensor([m.shape[2:] for m in maps], device=ref.device)  # [M, 2]
+        rows = sizes[:, 0] * sizes[:, 1] * n
+        map_rows = torch.cumsum(rows, 0) - rows  # first row of each map in the table
+        scale = torch.tensor(scales, dtype=rois.dtype, device=ref.device)[levels]
+        height, width = sizes[levels, 0], sizes[levels, 1]
+        index, weight, offsets = _bin_pairs(
+            rois,
+            output_size,
+            scale,
+            sampling_ratio,
+            aligned,
+            height,
+            width,
+            maps=(levels, map_rows, len(maps)),
+        )
+        if max(table.shape[0], index.numel()) < 2**31:
+            index, offsets = index.int(), offsets.int()
+    # the table as a channels-last [1, C, rows, 1] map: its rows are the table's, no copy
+    out = _BagSum.apply(table.t()[None, :, :, None], index, weight, offsets)
     return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
 
 
