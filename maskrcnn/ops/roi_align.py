@@ -218,7 +218,6 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
         span_y, span_x = torch.stack([ty[3].max(), tx[3].max()]).tolist()  # both windows in one read back
         ry, wy = _merge_taps(*ty[:3], span_y)
         rx, wx = _merge_taps(*tx[:3], span_x)
-        first_row = 0
     else:
         roi_map, map_rows, num_maps = maps
         widest = torch.zeros(2, num_maps, dtype=torch.int64, device=rois.device)
@@ -231,7 +230,9 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     count = (gy * gx).clamp(min=1).to(wy.dtype).view(-1, 1, 1, 1, 1)
     if isinstance(height, Tensor):
         height, width = height.view(-1, 1, 1, 1, 1), width.view(-1, 1, 1, 1, 1)
-    base = first_row + rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
+    base = rois[:, 0].long().view(-1, 1, 1, 1, 1) * (height * width)
+    if maps is not None:
+        base = base + first_row
     # [K, oh, ow, Ry, Rx]
     index = base + ry[:, :, None, :, None] * width + rx[:, None, :, None, :]
     weight = wy[:, :, None, :, None] * wx[:, None, :, None, :] / count
