@@ -97,10 +97,15 @@ def subsample_labels(
     """
     if labels.dim() != 1:
         raise ValueError(f"labels must be [P], got shape {tuple(labels.shape)}")
-    positive = torch.nonzero(labels >= 1).squeeze(1)
-    negative = torch.nonzero(labels == 0).squeeze(1)
-    num_pos = min(positive.numel(), int(num_samples * positive_fraction))
-    num_neg = min(negative.numel(), max(num_samples - num_pos, 0))
+    foreground, background = labels >= 1, labels == 0
+    # the foreground positions, then the background ones, each ascending (a stable sort by group), and
+    # both counts in one read back
+    group = torch.where(foreground, 0, torch.where(background, 1, 2)).to(torch.uint8)
+    order = torch.sort(group, stable=True).indices
+    num_fg, num_bg = torch.stack([foreground.sum(), background.sum()]).tolist()
+    positive, negative = order[:num_fg], order[num_fg : num_fg + num_bg]
+    num_pos = min(num_fg, int(num_samples * positive_fraction))
+    num_neg = min(num_bg, max(num_samples - num_pos, 0))
     perm_pos = torch.randperm(positive.numel(), generator=generator, device=labels.device)[:num_pos]
     perm_neg = torch.randperm(negative.numel(), generator=generator, device=labels.device)[:num_neg]
     pos_idx = positive[perm_pos].sort().values
