@@ -5,8 +5,9 @@ Cases (one run of this script measures every implementation on the same inputs, 
   level rule, output 7x7, sampling ratio 2, aligned=False; forward + backward.
 - mask head: 128 RoIs (64 per image), output 14x14, otherwise the same.
 - NMS on 1,000 and 5,000 RPN-like boxes (IoU threshold 0.7).
-Implementations: maskrcnn (NCHW input and channels-last input), torchvision's C++ CPU kernel,
-torchvision's pure-PyTorch RoIAlign (``torchvision.ops.roi_align._roi_align``).
+Implementations: maskrcnn (NCHW input and channels-last input), one call per level as the pooler runs
+it on a CPU, and all levels in one pass (``roi_align_levels``, the pooler's path on a GPU), torchvision's
+C++ CPU kernel, torchvision's pure-PyTorch RoIAlign (``torchvision.ops.roi_align._roi_align``).
 
     /tmp/tvref-venv/bin/python benchmarks/ops.py [--runs 5] [--threads 2]
 
@@ -119,7 +120,7 @@ def main() -> int:
     from torchvision.ops.roi_align import _roi_align as tv_python_roi_align
 
     from maskrcnn.ops.nms import nms
-    from maskrcnn.ops.roi_align import roi_align
+    from maskrcnn.ops.roi_align import roi_align, roi_align_levels
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -132,9 +133,12 @@ def main() -> int:
     def python_ref(x, r, size, scale, sr, aligned):
         return tv_python_roi_align(x, r, scale, size[0], size[1], sr, aligned)
 
+    ONE_PASS = "one pass"  # roi_align_levels over the four levels, instead of a function called per level
     impls = {
         "maskrcnn (NCHW input)": (roi_align, feats),
         "maskrcnn (channels-last input)": (roi_align, feats_cl),
+        "maskrcnn, levels in one pass (NCHW input)": (ONE_PASS, feats),
+        "maskrcnn, levels in one pass (channels-last input)": (ONE_PASS, feats_cl),
         "torchvision C++": (tv.ops.roi_align, feats),
     }
     if not args.skip_python_ref:
@@ -147,7 +151,10 @@ def main() -> int:
 
         def run(fn, maps, backward, rois=rois, level=level, size=size):
             leaves = [m.detach().requires_grad_(backward) for m in maps]
-            outs = [fn(leaves[l - 2], rois[level == l], size, 1 / 2**l, 2, False) for l in range(2, 6)]
+            if fn == ONE_PASS:
+                outs = [roi_align_levels(leaves, rois, level - 2, size, [1 / 2**l for l in range(2, 6)], 2)]
+            else:
+                outs = [fn(leaves[l - 2], rois[level == l], size, 1 / 2**l, 2, False) for l in range(2, 6)]
             if backward:
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             return outs

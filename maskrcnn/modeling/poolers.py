@@ -131,7 +131,7 @@ class MultiLevelPooler(nn.Module):
             return self._pool(ref, rois, self.scales[0])
         if self.kind == "align" and _device.host_reads_stall(ref.device):
             # every level in one pass: two host reads, not two per level, at the price of a copy of all
-            # levels into one table (on a CPU that copy costs more than the reads: 1.5-3x slower there)
+            # levels into one table (on a CPU that copy costs more than the reads: 1.3-5x slower there)
             return roi_align_levels(
                 list(features), rois, levels, self.output_size, self.scales, self.sampling_ratio, self.aligned
             )

@@ -170,7 +170,7 @@ def _merge_taps(
     the raw taps of some RoIs only (those of a map whose window is not shorter).
     """
     k, bins, taps = taps_idx.shape
-    if taps_idx.numel() == 0 or span >= taps and raw is None:
+    if taps_idx.numel() == 0 or (span >= taps and raw is None):
         return taps_idx, taps_w
     rel = (taps_idx - first).clamp(0, span - 1)
     merged_w = torch.zeros(k, bins, span, dtype=taps_w.dtype, device=taps_w.device)
@@ -464,16 +464,16 @@ def roi_align_levels(
     output_size = _pair(output_size)
     if len(features) != len(scales) or not features:
         raise ValueError(f"one scale per feature map: {len(features)} maps, {len(scales)} scales")
-    ref = features[0]
-    out_dtype = ref.dtype
-    maps = [f.float() if f.dtype in (torch.float16, torch.bfloat16) else f for f in features]
-    rois = boxes_to_rois(rois).detach().to(device=ref.device, dtype=maps[0].dtype)
-    n, c = maps[0].shape[:2]
+    ref, rois, out_dtype = _prepare(features[0], rois)
+    # every map's shape checked, half precision computed in float32 (as roi_align)
+    maps = [ref] + [_prepare(f, rois[:0])[0] for f in features[1:]]
+    n, c = ref.shape[:2]
     k = rois.shape[0]
     oh, ow = output_size
+    if k == 0 or all(m.shape[2] * m.shape[3] == 0 for m in maps):  # zeros, connected to the inputs
+        zero = sum(m.sum() for m in maps) * 0
+        return (zero + ref.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
     table = torch.cat([_channels_last_rows(m) for m in maps])  # [sum N*H_m*W_m, C]
-    if k == 0 or table.shape[0] == 0:
-        return (table.sum() * 0 + table.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
     with torch.no_grad():
         levels = levels.to(device=ref.device, dtype=torch.int64)
         sizes = torch.tensor([m.shape[2:] for m in maps], device=ref.device)  # [M, 2]
