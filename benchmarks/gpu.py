@@ -144,9 +144,9 @@ def part_tests(args, device, tv) -> list[str]:
 def part_ops(args, device, tv) -> list[str]:
     import torch
 
-    from benchmarks.ops import make_rois
+    from benchmarks.ops import make_rois, one_pass, per_level
     from maskrcnn.ops.nms import nms
-    from maskrcnn.ops.roi_align import roi_align, roi_align_levels
+    from maskrcnn.ops.roi_align import roi_align
 
     gen = torch.Generator().manual_seed(0)
     scale = 4 if args.quick else 1
@@ -156,14 +156,7 @@ def part_ops(args, device, tv) -> list[str]:
         torch.randn(2, channels, height // s, width // s, generator=gen).to(device) for s in (4, 8, 16, 32)
     ]
 
-    def per_level(fn):  # one call per level (torchvision's MultiScaleRoIAlign; our pooler on a CPU)
-        return lambda leaves, rois, level, size: [
-            fn(leaves[i - 2], rois[level == i], size, 1 / 2**i, 2, False) for i in range(2, 6)
-        ]
-
-    def one_pass(leaves, rois, level, size):  # our pooler on a GPU
-        return [roi_align_levels(leaves, rois, level - 2, size, [1 / 2**i for i in range(2, 6)], 2, False)]
-
+    # one call per level: torchvision's MultiScaleRoIAlign, our pooler on a CPU; one pass: ours on a GPU
     impls = {"maskrcnn, per level": per_level(roi_align), "maskrcnn, one pass": one_pass}
     if tv is not None:
         impls["torchvision"] = per_level(tv.ops.roi_align)  # the same positional signature

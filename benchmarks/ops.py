@@ -95,6 +95,26 @@ def make_rois(per_image: int, *, height: int, width: int, generator, images: int
     return torch.cat([idx, boxes], 1), level
 
 
+LEVELS = range(2, 6)  # P2-P5, stride 2**level
+
+
+def per_level(fn):
+    """``run(maps, rois, level, size)`` of a torchvision-signature RoIAlign ``fn``, called once per level
+    (torchvision's MultiScaleRoIAlign; our pooler on a CPU); ``level``: absolute levels 2-5."""
+
+    def run(maps, rois, level, size):
+        return [fn(maps[lv - 2], rois[level == lv], size, 1 / 2**lv, 2, False) for lv in LEVELS]
+
+    return run
+
+
+def one_pass(maps, rois, level, size):
+    """Our ``roi_align_levels`` over the four levels at once (our pooler on a GPU)."""
+    from maskrcnn.ops.roi_align import roi_align_levels
+
+    return [roi_align_levels(maps, rois, level - 2, size, [1 / 2**lv for lv in LEVELS], 2)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tvref", default=os.path.join(HERE, "..", "..", "shared", "tools", "tvref"))
@@ -120,7 +140,7 @@ def main() -> int:
     from torchvision.ops.roi_align import _roi_align as tv_python_roi_align
 
     from maskrcnn.ops.nms import nms
-    from maskrcnn.ops.roi_align import roi_align, roi_align_levels
+    from maskrcnn.ops.roi_align import roi_align
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -133,16 +153,15 @@ def main() -> int:
     def python_ref(x, r, size, scale, sr, aligned):
         return tv_python_roi_align(x, r, scale, size[0], size[1], sr, aligned)
 
-    ONE_PASS = "one pass"  # roi_align_levels over the four levels, instead of a function called per level
     impls = {
-        "maskrcnn (NCHW input)": (roi_align, feats),
-        "maskrcnn (channels-last input)": (roi_align, feats_cl),
-        "maskrcnn, levels in one pass (NCHW input)": (ONE_PASS, feats),
-        "maskrcnn, levels in one pass (channels-last input)": (ONE_PASS, feats_cl),
-        "torchvision C++": (tv.ops.roi_align, feats),
+        "maskrcnn (NCHW input)": (per_level(roi_align), feats),
+        "maskrcnn (channels-last input)": (per_level(roi_align), feats_cl),
+        "maskrcnn, levels in one pass (NCHW input)": (one_pass, feats),
+        "maskrcnn, levels in one pass (channels-last input)": (one_pass, feats_cl),
+        "torchvision C++": (per_level(tv.ops.roi_align), feats),
     }
     if not args.skip_python_ref:
-        impls["torchvision pure PyTorch"] = (python_ref, feats)
+        impls["torchvision pure PyTorch"] = (per_level(python_ref), feats)
 
     results = []
     for case, per_image, size in (("box head 7x7", 512, (7, 7)), ("mask head 14x14", 64, (14, 14))):
@@ -151,10 +170,7 @@ def main() -> int:
 
         def run(fn, maps, backward, rois=rois, level=level, size=size):
             leaves = [m.detach().requires_grad_(backward) for m in maps]
-            if fn == ONE_PASS:
-                outs = [roi_align_levels(leaves, rois, level - 2, size, [1 / 2**l for l in range(2, 6)], 2)]
-            else:
-                outs = [fn(leaves[l - 2], rois[level == l], size, 1 / 2**l, 2, False) for l in range(2, 6)]
+            outs = fn(leaves, rois, level, size)
             if backward:
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             return outs

@@ -206,7 +206,7 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
     """(cell index, weight, offsets) of the sparse bin <- cell map, bins ordered (k, oh, ow).
 
     One map: ``spatial_scale``, ``height``, ``width`` numbers, cell ``(n*H + y)*W + x``. Several maps
-    (``maps = (map of each RoI [K], first row of each map [M], number of maps M)``): those three are per
+    (``maps = (map of each RoI [K], first row of each map [M])``): those three are per
     RoI ``[K]`` (its map's), and cells are numbered across the maps, map after map. The taps are merged
     (:func:`_merge_taps`) or not per map, by that map's widest window, as one call per map would."""
     oh, ow = output_size
@@ -219,8 +219,8 @@ def _bin_pairs(rois, output_size, spatial_scale, sampling_ratio, aligned, height
         ry, wy = _merge_taps(*ty[:3], span_y)
         rx, wx = _merge_taps(*tx[:3], span_x)
     else:
-        roi_map, map_rows, num_maps = maps
-        widest = torch.zeros(2, num_maps, dtype=torch.int64, device=rois.device)
+        roi_map, map_rows = maps
+        widest = torch.zeros(2, len(map_rows), dtype=torch.int64, device=rois.device)
         widest.scatter_reduce_(1, roi_map.expand(2, -1), torch.stack([ty[3], tx[3]]), "amax")
         (ry, wy), (rx, wx) = (
             _merge_per_map(t, spans, roi_map)
@@ -248,11 +248,9 @@ def _merge_per_map(taps, spans: list[int], roi_map: Tensor) -> tuple[Tensor, Ten
     """:func:`_merge_taps` with each map's own choice: ``spans`` the widest window of each map's RoIs."""
     num_taps = taps[0].shape[-1]
     raw_maps = [s >= num_taps for s in spans]
-    if all(raw_maps):
-        return taps[0], taps[1]
     if not any(raw_maps):
         return _merge_taps(*taps[:3], max(spans))
-    raw = torch.tensor(raw_maps, device=roi_map.device)[roi_map]
+    raw = None if all(raw_maps) else torch.tensor(raw_maps, device=roi_map.device)[roi_map]
     return _merge_taps(*taps[:3], num_taps, raw)
 
 
@@ -458,8 +456,8 @@ def roi_align_levels(
         ``[K, C, oh, ow]`` (channels-last memory), equal to ``roi_align(features[m], rois[levels == m],
         ...)`` for every ``m``, bit for bit, gradients too: the same (cell, weight) pairs in the same order.
         The maps' channels-last rows are concatenated into one table (a copy), and every RoI's bins are
-        summed from it by one bag-sum: two host reads in all (the window and the pair count), not two per
-        map.
+        summed from it by one bag-sum: two host reads in all (the windows and the pair count; three with
+        an adaptive ``sampling_ratio``), not two per map.
     """
     output_size = _pair(output_size)
     if len(features) != len(scales) or not features:
@@ -489,7 +487,7 @@ def roi_align_levels(
             aligned,
             height,
             width,
-            maps=(levels, map_rows, len(maps)),
+            maps=(levels, map_rows),
         )
         if max(table.shape[0], index.numel()) < 2**31:
             index, offsets = index.int(), offsets.int()
