@@ -30,6 +30,8 @@ after each):
    NMS keeps the same boxes as torchvision's or the script says so;
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time,
    the iteration's wall time against its GPU time, and its host-device synchronisations;
+   ``infer_profile``: one batch-1 inference call of ours and of torchvision likewise, operators by host
+   time, with the kernel launch count (is the call bound by the host?);
 6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed;
 7. ``layout``: ``train``'s first run with ours in NCHW (is channels-last, ``fast_layout``'s choice on CUDA,
    the faster one there?).
@@ -384,6 +386,81 @@ def part_profile(args, device, tv) -> list[str]:
     return [summary, "", "```", table, "```"]
 
 
+@contextlib.contextmanager
+def _stages(model):
+    """Marks the forwards of ``model``'s stages (``transform``, ``backbone``, ``rpn``, ``roi_heads``: the
+    same names in ours and torchvision's) as ``stage: NAME`` ranges for torch.profiler."""
+    import torch
+
+    handles, open_ranges = [], {}
+    for name in ("transform", "backbone", "rpn", "roi_heads"):
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+
+        def enter(mod, inputs, name=name):
+            open_ranges[name] = torch.autograd.profiler.record_function(f"stage: {name}")
+            open_ranges[name].__enter__()
+
+        def leave(mod, inputs, output, name=name):
+            open_ranges.pop(name).__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def part_infer_profile(args, device, tv) -> list[str]:
+    """Where a batch-1 R-50-FPN inference call spends its time, ours beside torchvision: wall against GPU
+    busy time, kernel launches, and the operators by host time (a call far above its GPU time is bound by
+    the host: Python, launches or reads)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.inference import paired_models
+
+    size = 320 if args.quick else 800
+    models = paired_models(tv, size=size, device=device)
+    images, _ = _images(args, device, 1)
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    lines = [f"batch 1 at short side {size}, float32, the first image of the inference part.", ""]
+    for name, model in models.items():
+
+        def call(model=model):
+            with torch.no_grad():
+                return model(images[:1])
+
+        wall = timed(call, device, runs=3, warmup=2)
+        with _stages(model), profile(activities=activities) as prof:
+            call()
+            _sync(device)
+        events = prof.key_averages()
+        stages = [e for e in events if e.key.startswith("stage: ")]
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 if on_gpu else float("nan")
+        launches = sum(
+            e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
+        table = events.table(
+            sort_by="self_cpu_time_total", row_limit=8 if args.quick else 30, max_name_column_width=50
+        )
+        lines += [
+            f"{name}: {fmt_ms(wall)} ms per call (wall); GPU busy {busy:.1f} ms; {launches} kernel launches;"
+            " host time per stage (the rest: postprocessing outside the stages' forwards): "
+            + ", ".join(f"{e.key[7:]} {e.cpu_time_total / 1e3:.1f} ms" for e in stages)
+            + ". Operators by self host time:",
+            "",
+            "```",
+            table,
+            "```",
+            "",
+        ]
+    return lines
+
+
 def part_ablate(args, device, tv) -> list[str]:
     """Issue 11's GPU budget: ``maskrcnn ablate --table 2e --seeds 1`` (the FPN default model and the MLP
     mask head, 350 iterations each) on the device; the default's 22 runs take about 11x its time."""
@@ -418,6 +495,7 @@ PARTS = {  # in order of what a short lease must bring back first
     "train": part_train,
     "ops": part_ops,
     "profile": part_profile,
+    "infer_profile": part_infer_profile,
     "ablate": part_ablate,
     "layout": part_layout,
 }
