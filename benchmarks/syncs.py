@@ -56,12 +56,13 @@ def _counter(name: str, tv):
 
         @contextlib.contextmanager
         def both():
-            with device_paths(), count_syncs() as syncs:
+            with device_paths(), count_syncs(launches=True) as syncs:
                 yield syncs
 
         return both
     root = os.path.dirname(tv.__file__) + os.sep
-    return lambda: count_syncs({"torchvision": root, "maskrcnn": PACKAGE}, extra_ops=("torchvision.nms",))
+    roots = {"torchvision": root, "maskrcnn": PACKAGE}
+    return lambda: count_syncs(roots, extra_ops=("torchvision.nms",), launches=True)
 
 
 def _training_models(tv, size: int):
@@ -106,25 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     folder = os.path.join(args.shared, "data", "coco-mini", "val2017")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".jpg"))[: args.images]
     images = [read_image(os.path.join(folder, f)) for f in files]
-    rows, sites = {}, {}
+    rows, sites, files = {}, {}, {}
     for name, model in paired_models(tv, size=args.size).items():
         counter = _counter(name, tv)
-        per_call, detections = [], []
+        per_call, detections, ops = [], [], []
         for im in images:
             with torch.no_grad(), counter() as syncs:
                 (out,) = model([im])
             per_call.append(syncs.total)
             detections.append(len(out["boxes"]))
+            ops.append(sum(syncs.launches.values()))
         sites[name] = syncs.by_site  # of the last image
-        rows[name] = [per_call, detections]
+        files[name] = syncs.launches
+        rows[name] = [per_call, detections, ops]
     batch = synthetic_batch(2, args.train_size, 0, 5)
     for name, model in _training_models(tv, args.train_size).items():
         model.train()
         with _counter(name, tv)() as syncs:
             losses = model(*batch)
             sum(losses.values()).backward()
-        rows[name].append(syncs.total)
+        rows[name] += [syncs.total, sum(syncs.launches.values())]
         sites[f"{name} training"] = syncs.by_site
+        files[f"{name} training"] = syncs.launches
 
     print(
         f"torch {torch.__version__}; {len(images)} coco-mini val images at {args.size} px, one per call;"
@@ -134,19 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "| model | reads per inference call, median (min-max) | detections per image | reads per training"
-        " iteration |"
+        " iteration | kernel ops per inference call, median (min-max) | kernel ops per training iteration |"
     )
-    print("| --- | --- | --- | --- |")
-    for name, (per_call, detections, train) in rows.items():
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, (per_call, detections, ops, train, train_ops) in rows.items():
         print(
             f"| {name} | {statistics.median(per_call):g} ({min(per_call)}-{max(per_call)}) |"
-            f" {min(detections)}-{max(detections)} | {train} |"
+            f" {min(detections)}-{max(detections)} | {train} | {statistics.median(ops):g}"
+            f" ({min(ops)}-{max(ops)}) | {train_ops} |"
         )
     for name, counter in sites.items():
         what = name if name.endswith("training") else f"{name} inference (last image)"
         print(f"\n{what}: reads by site, top {args.top}\n")
         for (op, site), n in counter.most_common(args.top):
             print(f"    {n:5d}  {op:28s} {site}")
+    for name, counter in files.items():
+        what = name if name.endswith("training") else f"{name} inference (last image)"
+        print(f"\n{what}: kernel ops by file, top {args.top}\n")
+        for file, n in counter.most_common(args.top):
+            print(f"    {n:6d}  {file}")
     return 0
 
 

@@ -39,6 +39,10 @@ _ALWAYS = {
 _INDEXING = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
 
 
+# Ops that allocate or relabel memory without running a kernel on a device.
+_NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.detach", "aten.lift_fresh"}
+
+
 def _site(roots: dict[str, str]) -> str:
     """The innermost frame in one of ``roots`` (name -> folder): ``<name>/<file>:<line> <function>``."""
     for frame in reversed(traceback.extract_stack()):
@@ -63,11 +67,13 @@ class SyncCounter(TorchDispatchMode):
     ``roots``; default: this package). ``extra_ops``: more op names to count, e.g. ``"torchvision.nms"``
     (its CUDA kernel copies its suppression mask to the host)."""
 
-    def __init__(self, roots: dict[str, str] | None = None, extra_ops=()):
+    def __init__(self, roots: dict[str, str] | None = None, extra_ops=(), launches: bool = False):
         super().__init__()
         self.by_site: collections.Counter = collections.Counter()
         self.roots = roots or {"maskrcnn": PACKAGE}
         self.extra = frozenset(extra_ops)
+        self.count_launches = launches
+        self.launches: collections.Counter = collections.Counter()  # {"<root name>/<file>": ops}
 
     def site(self) -> str:
         return _site(self.roots)
@@ -87,13 +93,17 @@ class SyncCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         if _blocks(name, args, kwargs, self.extra):
             self.by_site[(name, self.site())] += 1
+        if self.count_launches and not func.is_view and name not in _NO_KERNEL:
+            self.launches[self.site().split(":")[0]] += 1
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def count_syncs(roots: dict[str, str] | None = None, extra_ops=()):
-    """A :class:`SyncCounter` active in the block (``tolist`` and ``numpy`` counted too)."""
-    counter = SyncCounter(roots, extra_ops)
+def count_syncs(roots: dict[str, str] | None = None, extra_ops=(), launches: bool = False):
+    """A :class:`SyncCounter` active in the block (``tolist`` and ``numpy`` counted too). ``launches``:
+    also count, by file, the dispatched ops that run a kernel (not views, not bare allocations): on a GPU
+    each is at least one kernel launch, the host's cost of a call when the device waits on it."""
+    counter = SyncCounter(roots, extra_ops, launches)
     originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
     def wrap(name, original):

@@ -38,10 +38,11 @@ def test_gpu_script_runs_every_part_small_on_a_cpu(tmp_path):
     out = tmp_path / "gpu"
     assert main(["--out", str(out), "--device", "cpu", "--quick", "--runs", "1"]) == 0
     report = (out / "gpu.md").read_text()
-    for part in ("tests", "ops", "inference", "train", "profile", "ablate"):
+    for part in ("tests", "ops", "inference", "train", "profile", "infer_profile", "ablate"):
         assert f"### {part} (" in report
     assert "| box head 7x7 | forward+backward |" in report and "| 5000 |" in report
     assert "| maskrcnn fp32 |" in report and "ms per iteration (wall)" in report
+    assert "host time per stage" in report and "backbone" in report.split("host time per stage")[1]
     assert "- align-avg: " in report and "- the default (22 runs) at this pace" in report
     assert "Traceback" not in report
     assert main(["--out", str(out), "--device", "cpu", "--parts", "ops,nope"]) == 2
@@ -59,5 +60,6 @@ def test_syncs_script_counts_our_reads(capsys):
     args = ["--shared", shared, "--no-torchvision", "--images", "1", "--size", "320", "--train-size", "128"]
     assert main(args) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| maskrcnn |")]
-    reads, _, per_iteration = (cell.strip() for cell in row.split("|")[2:5])
+    reads, _, per_iteration, ops, ops_per_iteration = (cell.strip() for cell in row.split("|")[2:7])
     assert int(reads.split()[0]) > 0 and int(per_iteration) > 0
+    assert int(ops.split()[0]) > 100 and int(ops_per_iteration) > 100

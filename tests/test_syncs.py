@@ -37,6 +37,21 @@ def test_counter_sees_the_reads_and_only_them():
     assert x.tolist() == list(range(10))  # the wrappers are removed again
 
 
+def test_launch_counter_counts_kernels_not_views():
+    x = torch.arange(6.0)
+    with count_syncs(launches=True) as syncs:
+        x.view(2, 3).t()[1:]  # views only
+        x.detach()
+        y = x + 1  # one kernel each
+        y.sum()
+        torch.empty(3)  # an allocation, no kernel
+    assert sum(syncs.launches.values()) == 2, syncs.launches
+    assert set(syncs.launches) == {"outside maskrcnn"}  # this file is not in the package
+    with count_syncs() as syncs:
+        x + 1
+    assert not syncs.launches  # counted only when asked: the site lookup per op is slow
+
+
 def disjoint_boxes(n: int) -> torch.Tensor:
     """``n`` unit squares on a grid, two cells apart: no two overlap."""
     i = torch.arange(n, dtype=torch.float32)
