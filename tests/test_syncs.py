@@ -5,6 +5,8 @@ rounds, not by its categories; the pooler reads back twice on a GPU, whatever th
 reads back as often for one detection as for a hundred, and for one ground-truth object as for eight.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -100,6 +102,30 @@ def test_device_paths_give_the_cpu_results():
         got = batched_nms(boxes, scores, idxs, 0.6)
     assert syncs.in_file("maskrcnn/ops/nms.py") > 0  # the torch backend ran
     assert torch.equal(got, expected)
+
+
+def test_roi_align_backward_walks_fewer_ranges_on_devices():
+    """RoIAlign's backward sums into ranges of cells: where reads stall the ranges are as large as the
+    output (an eighth of it on a CPU), so fewer of them run, each a few kernels; same gradient bit for bit."""
+    from maskrcnn.ops import roi_align
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(2, 256, 64, 64, generator=g)
+    xy = torch.rand(200, 2, generator=g) * 40
+    boxes = torch.cat([torch.randint(0, 2, (200, 1), generator=g), xy, xy + 8 + 16 * torch.rand(200, 2)], 1)
+    grads, kernels = [], []
+    for paths in (contextlib.nullcontext, device_paths):
+        leaf = feats.clone().requires_grad_()
+        out = roi_align(leaf, boxes, 7, 1.0, 2, True)
+        with paths(), count_syncs(launches=True) as syncs:
+            out.backward(torch.ones_like(out))
+        grads.append(leaf.grad)
+        kernels.append(sum(syncs.launches.values()))
+    assert torch.equal(grads[0], grads[1])
+    # 8 ranges (4 of 1225 cells per 64 x 64 image) on a CPU, 2 (one per image) on a device, r kernels each
+    # over a fixed part f: f + 8 r and f + 2 r
+    per_range, rest = divmod(kernels[0] - kernels[1], 6)
+    assert per_range > 0 and rest == 0 and kernels[1] - 2 * per_range > 0, kernels
 
 
 def test_pooler_reads_twice_whatever_the_levels_on_devices():

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.ops import device as _device
+
 __all__ = [
     "roi_align",
     "roi_align_levels",
@@ -314,8 +316,9 @@ class _BagSum(torch.autograd.Function):
     ``embedding_bag`` on channels-last rows (a free view for channels-last input; NCHW input is copied in
     channel blocks). Backward sorts the pairs by cell once (the sorted cells and the permutation are its
     only per-pair temporaries), then walks ranges of cells: per range, the bag-sum of the output gradient
-    into each touched cell is ``[cells, C]`` at most a quarter of the output, and is copied straight into
-    the input gradient (no atomics, no ``pairs x C`` tensor). The input gradient has the input's layout.
+    into each touched cell is ``[cells, C]`` at most an eighth of the output (the output's size where
+    host reads stall: fewer ranges, fewer kernels), and is copied straight into the input gradient (no
+    atomics, no ``pairs x C`` tensor). The input gradient has the input's layout.
     """
 
     @staticmethod
@@ -353,7 +356,10 @@ class _BagSum(torch.autograd.Function):
         num_bags = grad_out.shape[0]
         cells, order = torch.sort(index, stable=True)
         touched_all, counts_all = torch.unique_consecutive(cells, return_counts=True)
-        max_cells = max(num_bags * c // 8, 1 << 18) // c
+        # cells per range: the [cells, C] sum at most an eighth of the output (cache-sized on a CPU); where
+        # reads stall, as large as the output, so that the ranges (7 kernels each) are few
+        share = 1 if _device.host_reads_stall(grad_out.device) else 8
+        max_cells = max(num_bags * c // share, 1 << 18) // c
         chunks = _cell_chunks(n, h * w, max_cells)
         starts = cells.new_tensor([first for _, first in chunks] + [n * h * w])
         # each range's pairs in the sorted order and its touched cells, in one read back
