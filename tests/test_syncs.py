@@ -75,6 +75,24 @@ def test_nms_reads_per_block_not_per_category(n, reads):
         assert syncs.total == reads, syncs.report()
 
 
+def test_nms_meets_the_rest_in_one_tile_per_block_on_devices(monkeypatch):
+    """A block of 1024 meets up to 8192 remaining boxes in one IoU tile (each tile ~16 kernels on a GPU):
+    9000 disjoint boxes are 9 blocks, each with one in-block tile and all but the last with one tile
+    against the rest (7976 boxes after the first block)."""
+    import importlib
+
+    nms_module = importlib.import_module("maskrcnn.ops.nms")
+    calls = []
+    original = nms_module._iou_gt_torch
+    monkeypatch.setattr(nms_module, "_iou_gt_torch", lambda a, b, t: calls.append(1) or original(a, b, t))
+    boxes = disjoint_boxes(9000)
+    scores = torch.rand(9000, generator=torch.Generator().manual_seed(0))
+    with device_paths():
+        keep = nms(boxes, scores, 0.5)
+    assert keep.numel() == 9000
+    assert len(calls) == 9 + 8
+
+
 @pytest.mark.parametrize("n", [2, 9, 17])
 def test_nms_reads_every_other_round(n):
     """A chain: box i overlaps box i + 1 only (IoU 2/3 > 0.5; 3/7 with i + 2), scores decreasing, so

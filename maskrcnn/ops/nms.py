@@ -43,7 +43,10 @@ __all__ = ["nms", "batched_nms"]
 _CPU_BLOCK = 128
 _CPU_TILE_ELEMS = 1 << 16
 _DEVICE_BLOCK = 1024
-_DEVICE_TILE_ELEMS = 1 << 22
+# 8M IoU values (32 MiB per float32 tile, ~100 MiB transient): a block of 1024 meets up to 8192 remaining
+# boxes in one tile, so a detector's NMS (at most ~10k boxes per image) runs one tile per block, not 2-3
+# (each tile ~16 kernels)
+_DEVICE_TILE_ELEMS = 1 << 23
 # Fixed-point rounds of the greedy passes on suppression graphs (torch in-block pass, numpy small categories)
 # before they finish with a sequential scan; the torch pass reads back whether it is done every
 # _ROUNDS_PER_READ rounds (most blocks of a detector's NMS settle in 2 or 3).
@@ -343,9 +346,9 @@ def _greedy_block_torch(m: Tensor) -> Tensor:
     for _ in range(_MAX_ROUNDS // _ROUNDS_PER_READ):
         for _ in range(_ROUNDS_PER_READ):
             kept = alive & ~pending
-            killed = (edges & kept[:, None]).any(0)
-            alive &= ~killed
-            pending &= ~killed
+            spared = ~(edges & kept[:, None]).any(0)  # no kept box suppresses it
+            alive &= spared
+            pending &= spared
             pending &= (edges & (alive & pending)[:, None]).any(0)
         if not bool(pending.any()):
             return alive
