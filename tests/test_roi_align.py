@@ -429,6 +429,29 @@ def test_levels_in_one_pass_equal_one_call_per_map_bit_for_bit(sampling_ratio, a
     assert all(torch.equal(a, torch.zeros_like(a) if b is None else b) for a, b in zip(got, want))
 
 
+def test_maps_of_different_batch_sizes_in_one_pass():
+    """Maps may hold different numbers of images (each image's ground-truth masks as one map): each RoI's
+    batch index counts within its own map; the result is one call per map's, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    features = [
+        torch.rand(n, 1, h, w, generator=g, dtype=torch.float64)
+        for n, h, w in ((3, 40, 56), (1, 64, 48), (5, 24, 24))
+    ]
+    k = 30
+    levels = torch.arange(k) % 3
+    count = torch.tensor([3, 1, 5])[levels]
+    index = (torch.rand(k, generator=g) * count).floor().double()
+    xy = torch.rand(k, 2, generator=g, dtype=torch.float64) * 20
+    rois = torch.cat(
+        [index[:, None], xy, xy + 2 + torch.rand(k, 2, generator=g, dtype=torch.float64) * 20], 1
+    )
+    for kw in (dict(sampling_ratio=0, aligned=True), dict(sampling_ratio=-1, aligned=False)):
+        out = roi_align_levels(features, rois, levels, 7, [1.0] * 3, **kw)
+        assert torch.equal(out, _per_map(features, rois, levels, [1.0] * 3, **kw))
+    with pytest.raises(ValueError, match="channels"):
+        roi_align_levels([features[0], features[1].expand(-1, 2, -1, -1)], rois, levels % 2, 7, [1.0] * 2)
+
+
 def test_levels_in_one_pass_layouts_dtypes_and_no_rois():
     g = torch.Generator().manual_seed(4)
     scales = [1 / 4, 1 / 8]

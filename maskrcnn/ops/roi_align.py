@@ -454,8 +454,9 @@ def roi_align_levels(
     """RoIAlign (average) of each RoI from its own feature map, all maps in one pass.
 
     Args:
-        features: ``M`` maps ``[N, C, H_m, W_m]`` (same ``N``, ``C`` and dtype).
-        rois: ``[K, 5]`` (batch_index, x1, y1, x2, y2) in image pixels.
+        features: ``M`` maps ``[N_m, C, H_m, W_m]`` (same ``C`` and dtype; ``N_m`` may differ, e.g. the
+            ground-truth masks of each image of a batch as one map each).
+        rois: ``[K, 5]`` (batch_index, x1, y1, x2, y2) in image pixels; the batch index within the RoI's map.
         levels: ``[K]`` int64, the map of each RoI (``0 .. M-1``).
         output_size, sampling_ratio, aligned: as :func:`roi_align`; scales: ``spatial_scale`` of each map.
     Returns:
@@ -471,9 +472,11 @@ def roi_align_levels(
     ref, rois, out_dtype = _prepare(features[0], rois)
     # every map's shape checked, half precision computed in float32 (as roi_align)
     maps = [ref] + [_prepare(f, rois[:0])[0] for f in features[1:]]
-    n, c = ref.shape[:2]
+    c = ref.shape[1]
     k = rois.shape[0]
     oh, ow = output_size
+    if any(m.shape[1] != c for m in maps):
+        raise ValueError(f"every map needs {c} channels, got {[m.shape[1] for m in maps]}")
     if k == 0 or all(m.shape[2] * m.shape[3] == 0 for m in maps):  # zeros, connected to the inputs
         zero = sum(m.sum() for m in maps) * 0
         return (zero + ref.new_zeros(k, oh, ow, c)).permute(0, 3, 1, 2).to(out_dtype)
@@ -481,7 +484,7 @@ def roi_align_levels(
     with torch.no_grad():
         levels = levels.to(device=ref.device, dtype=torch.int64)
         sizes = torch.tensor([m.shape[2:] for m in maps], device=ref.device)  # [M, 2]
-        rows = sizes[:, 0] * sizes[:, 1] * n
+        rows = torch.tensor([m.shape[0] * m.shape[2] * m.shape[3] for m in maps], device=ref.device)
         map_rows = torch.cumsum(rows, 0) - rows  # first row of each map in the table
         scale = torch.tensor(scales, dtype=rois.dtype, device=ref.device)[levels]
         height, width = sizes[levels, 0], sizes[levels, 1]
