@@ -12,12 +12,14 @@ from maskrcnn.ops.masks import (
     DETECTRON2_MASK_TARGETS,
     TORCHVISION_MASK_TARGETS,
     crop_and_resize_bitmasks,
+    crop_and_resize_bitmasks_batch,
     crop_and_resize_polygons,
     paste_masks_in_image,
     polygons_to_bitmask,
 )
 from maskrcnn.ops.roi_align import roi_align
 from tests.reference.masks_ref import crop_and_resize_bitmasks_ref, paste_masks_ref, rasterize_ref
+from tests.syncs import count_syncs, device_paths
 
 # --------------------------------------------------------------------------------------------------
 # paste_masks_in_image
@@ -261,6 +263,58 @@ def test_bitmasks_empty():
         torch.zeros(0, 10, 10), torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.int64), 7
     )
     assert out.shape == (0, 7, 7) and out.dtype == torch.float64
+
+
+def _batch_case(seed, sides=((3, 20, 25, 10, 15), (1, 31, 17, 4, 40), (0, 12, 12, 0, 5), (2, 16, 40, 7, 6))):
+    """Per image (objects, h, w, RoIs, largest RoI side): masks and image-grouped [K, 5] rois. Large RoIs
+    in the second image leave its taps raw where the others' are merged."""
+    masks, rois, indices = [], [], []
+    for i, (g_count, h, w, n, side) in enumerate(sides):
+        m, b, idx = _bitmask_case(
+            seed + i, g_count=max(g_count, 1), h=h, w=w, n=max(n, 1), dtype=torch.float32
+        )
+        m, b, idx = m[:g_count], b[:n], idx[:n]
+        masks.append(m[:g_count])
+        b = torch.cat([b[:, :2], b[:, :2] + (b[:, 2:] - b[:, :2]) * side / 15], 1)
+        rois.append(torch.cat([torch.full((n, 1), float(i)), b], 1))
+        indices.append(idx % max(g_count, 1))
+    return masks, torch.cat(rois), torch.cat(indices)
+
+
+@pytest.mark.parametrize("conv", [TORCHVISION_MASK_TARGETS, DETECTRON2_MASK_TARGETS], ids=["tv", "d2"])
+@pytest.mark.parametrize("table", [None, 1000], ids=["one-pass", "two-passes"])
+def test_bitmasks_batch_equals_one_call_per_image_bit_for_bit(conv, table, monkeypatch):
+    """The batch form, on a CPU (one call per image) and on the GPU paths (every image's masks a map of
+    one RoIAlign pass; or several passes under a smaller table budget), equals one call per image, bit for
+    bit; the GPU paths read back 3 times per pass (grid, windows, pairs) whatever the number of images."""
+    import importlib
+
+    if table is not None:
+        monkeypatch.setattr(importlib.import_module("maskrcnn.ops.masks"), "_BATCH_TABLE_VALUES", table)
+    masks, rois, indices = _batch_case(7)
+    image = rois[:, 0].long()
+    expected = torch.cat(
+        [
+            crop_and_resize_bitmasks(m, rois[image == i, 1:], indices[image == i], 14, **conv)
+            for i, m in enumerate(masks)
+        ]
+    )
+    assert torch.equal(crop_and_resize_bitmasks_batch(masks, rois, indices, 14, **conv), expected)
+    with device_paths(), count_syncs() as syncs:
+        got = crop_and_resize_bitmasks_batch(masks, rois, indices, 14, **conv)
+    assert torch.equal(got, expected)
+    # 1000 values: images 0, 1 and 2 + 3 in three passes (image 2 has no masks), each selecting its RoIs
+    # with one more read
+    passes = 1 if table is None else 3
+    per_pass = 3 if conv["sampling_ratio"] <= 0 else 2  # the adaptive grid's maxima, windows, pairs
+    assert syncs.total == passes * per_pass + (passes if passes > 1 else 0), syncs.report()
+
+
+def test_bitmasks_batch_checks_and_empty():
+    masks, rois, indices = _batch_case(8)
+    assert crop_and_resize_bitmasks_batch(masks, rois[:0], indices[:0], 7).shape == (0, 7, 7)
+    with pytest.raises(ValueError, match="grouped by image"):
+        crop_and_resize_bitmasks_batch(masks, rois.flip(0), indices.flip(0), 7)
 
 
 # --------------------------------------------------------------------------------------------------

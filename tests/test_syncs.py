@@ -219,3 +219,29 @@ def test_training_reads_do_not_grow_with_objects():
             sum(losses.values()).backward()
         counts[n] = outside_nms(syncs)
     assert counts[1] == counts[8], counts
+
+
+def test_mask_branch_reads_do_not_grow_with_images():
+    """The batch's foreground RoIs are found with one read and their mask targets cropped in one RoIAlign
+    pass over every image's masks: RoIAlign and the mask branch read as often for 4 images as for 1."""
+
+    def targets(seed):
+        g = torch.Generator().manual_seed(seed)
+        xy = torch.rand(3, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 16], dim=1)
+        masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        return {"boxes": boxes, "labels": torch.arange(3) + 1, "masks": masks}
+
+    counts = {}
+    for b in (1, 4):
+        images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4 + i)) for i in range(b)]
+        model = tiny_c4().train()
+        with device_paths(), count_syncs() as syncs:
+            losses = model(images, [targets(i) for i in range(b)])
+            sum(losses.values()).backward()
+        counts[b] = syncs.in_file("maskrcnn/ops/roi_align.py") + syncs.in_file(
+            "maskrcnn/modeling/mask_branch.py"
+        )
+    assert counts[1] == counts[4], counts

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from maskrcnn.modeling.losses import MASK_LOSSES, at_least_float32, mask_loss
 from maskrcnn.modeling.roi_heads import RoIBranch
-from maskrcnn.ops.masks import crop_and_resize_bitmasks
+from maskrcnn.ops.masks import crop_and_resize_bitmasks_batch
 
 __all__ = ["MaskBranch"]
 
@@ -102,32 +102,28 @@ class MaskBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        positive = [torch.nonzero(lab > 0).squeeze(1) for lab in labels]  # one read back per image
-        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
-        pos_labels = torch.cat([lab[p] for lab, p in zip(labels, positive, strict=True)])
+        # the batch's foreground RoIs in one pass (one read back), image by image: [P, 5] (image, box)
+        all_labels = torch.cat(labels)
+        positive = torch.nonzero(all_labels > 0).squeeze(1)
+        image = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels)])[positive]
+        boxes = torch.cat(rois)[positive]
+        pos_rois = torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
+        pos_labels = all_labels[positive]
         if self.mask_pooler is None:
-            starts = [0]
-            for lab in labels[:-1]:
-                starts.append(starts[-1] + lab.shape[0])
-            mask_features = box_features[torch.cat([p + s for p, s in zip(positive, starts, strict=True)])]
+            mask_features = box_features[positive]  # the box branch's features, in the same RoI order
         else:
             mask_features = self.mask_pooler(features, pos_rois)
         mask_logits = self.logits(mask_features)
-        size = mask_logits.shape[-1]
         with torch.no_grad():
-            mask_targets = []
-            for t, r, p, idx in zip(targets, pos_rois, positive, matched, strict=True):
-                crop = crop_and_resize_bitmasks(
-                    t["masks"],
-                    r,
-                    idx[p],
-                    size,
-                    aligned=self.target_aligned,
-                    sampling_ratio=self.target_sampling_ratio,
-                    threshold=self.target_threshold,
-                )
-                mask_targets.append(crop.to(mask_logits.device))
-            mask_targets = torch.cat(mask_targets)
+            mask_targets = crop_and_resize_bitmasks_batch(
+                [t["masks"].to(mask_logits.device) for t in targets],
+                pos_rois,
+                torch.cat(matched)[positive],
+                mask_logits.shape[-1],
+                aligned=self.target_aligned,
+                sampling_ratio=self.target_sampling_ratio,
+                threshold=self.target_threshold,
+            )
         return {"loss_mask": mask_loss(mask_logits, pos_labels, mask_targets, kind=self.mask_loss)}
 
     def forward_test(

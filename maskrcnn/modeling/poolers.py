@@ -112,11 +112,13 @@ class MultiLevelPooler(nn.Module):
         mode = "max" if self.kind == "warp_max" else "avg"
         return roi_warp(feature, rois, self.output_size, scale, self.sampling_ratio, mode=mode)
 
-    def forward(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+    def forward(self, features: Sequence[Tensor], boxes: Sequence[Tensor] | Tensor) -> Tensor:
+        """``boxes``: per image ``[L_i, 4]``, or ``[K, 5]`` rois (image, x1, y1, x2, y2). Returns ``[K, C,
+        oh, ow]`` in RoI order."""
         if len(features) != len(self.scales):
             raise ValueError(f"expected {len(self.scales)} feature maps (one per scale), got {len(features)}")
         ref = features[0]
-        rois = boxes_to_rois(list(boxes)).to(device=ref.device)
+        rois = boxes_to_rois(boxes if isinstance(boxes, Tensor) else list(boxes)).to(device=ref.device)
         if len(features) == 1:
             return self._pool(ref, rois, self.scales[0])
         if not rois.is_floating_point():
