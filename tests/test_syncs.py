@@ -245,3 +245,19 @@ def test_mask_branch_reads_do_not_grow_with_images():
             "maskrcnn/modeling/mask_branch.py"
         )
     assert counts[1] == counts[4], counts
+
+
+def test_keypoint_branch_reads_once_per_batch():
+    """One read finds the batch's foreground RoIs; the heatmap targets need none."""
+    from maskrcnn.modeling.build import build_model as build
+    from tests.test_keypoint_model import person_sample, tiny
+
+    counts = {}
+    for b in (1, 3):
+        torch.manual_seed(0)
+        model = build(tiny("keypoint-R-50-FPN")).train()
+        samples = [person_sample(seed=s) for s in range(b)]
+        with device_paths(), count_syncs() as syncs:
+            model([s[0] for s in samples], [s[1] for s in samples])
+        counts[b] = syncs.in_file("maskrcnn/modeling/keypoint_branch.py")
+    assert counts == {1: 1, 3: 1}, counts

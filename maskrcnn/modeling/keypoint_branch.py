@@ -52,8 +52,8 @@ class KeypointBranch(RoIBranch):
         self.keypoint_head = keypoint_head
         self.keypoint_predictor = keypoint_predictor
 
-    def logits(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
-        """Pool, head, predictor: per image ``[R_i, 4]`` boxes -> ``[sum R_i, K, S, S]``."""
+    def logits(self, features: list[Tensor], boxes: list[Tensor] | Tensor) -> Tensor:
+        """Pool, head, predictor: per image ``[R_i, 4]`` boxes (or ``[R, 5]`` rois) -> ``[R, K, S, S]``."""
         return self.keypoint_predictor(self.keypoint_head(self.keypoint_pooler(features, boxes)))
 
     def forward_train(
@@ -66,17 +66,22 @@ class KeypointBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        positive = [torch.nonzero(lab > 0).squeeze(1) for lab in labels]  # one read back per image
-        pos_rois = [r[p] for r, p in zip(rois, positive, strict=True)]
-        logits = self.logits(features, pos_rois)
+        # the batch's foreground RoIs in one pass (one read back), image by image: [P, 5] (image, box)
+        all_labels = torch.cat(labels)
+        positive = torch.nonzero(all_labels > 0).squeeze(1)
+        image = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels)])[positive]
+        boxes = torch.cat(rois)[positive]
+        logits = self.logits(features, torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1))
         with torch.no_grad():
-            indices, valid = [], []
-            for t, r, p, idx in zip(targets, pos_rois, positive, matched, strict=True):
-                gt = t["keypoints"].to(device=r.device, dtype=r.dtype)[idx[p]]
-                i, v = keypoints_to_heatmap_targets(gt, r, heatmap_size=logits.shape[-1])
-                indices.append(i)
-                valid.append(v)
-        return {"loss_keypoint": keypoint_loss(logits, torch.cat(indices), torch.cat(valid))}
+            # each RoI's matched object among the batch's: its index in its image plus the image's offset
+            first, offsets = 0, []
+            for t, m in zip(targets, matched, strict=True):
+                offsets.append(torch.full_like(m, first))
+                first += t["keypoints"].shape[0]
+            objects = (torch.cat(matched) + torch.cat(offsets))[positive]
+            gt = torch.cat([t["keypoints"] for t in targets]).to(device=boxes.device, dtype=boxes.dtype)
+            indices, valid = keypoints_to_heatmap_targets(gt[objects], boxes, heatmap_size=logits.shape[-1])
+        return {"loss_keypoint": keypoint_loss(logits, indices, valid)}
 
     def forward_test(
         self,
