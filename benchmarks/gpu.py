@@ -27,7 +27,9 @@ after each):
    forward+backward, ours one call per level (the CPU's pooler) and all levels in one pass
    (``roi_align_levels``, the GPU's: is it the faster there?), and NMS on 1,000 / 5,000 boxes: ours
    against ``torchvision.ops`` (CUDA kernels);
-   NMS keeps the same boxes as torchvision's or the script says so;
+   NMS keeps the same boxes as torchvision's or the script says so; and the RPN's NMS on the model's own
+   candidates (1 image, the 8 as training's one call) with NMS device blocks of 1024, 2048 and 4096 boxes
+   (larger: fewer reads and kernels, bigger IoU tiles; which is the faster there?);
 5. ``profile``: one R-50-FPN training iteration of ours under torch.profiler: the kernels by GPU time,
    the iteration's wall time against its GPU time, and its host-device synchronisations;
    ``infer_profile``: one batch-1 inference call of ours and of torchvision likewise, operators by host
@@ -48,6 +50,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import math
 import os
 import statistics
@@ -206,6 +209,71 @@ def part_ops(args, device, tv) -> list[str]:
         }
         same = torch.equal(nms(boxes, scores, 0.7).cpu(), tv.ops.nms(boxes, scores, 0.7).cpu()) if tv else "-"
         lines.append(f"| {n} | {' | '.join(fmt_ms(t) for t in times.values())} | {same} |")
+    return lines + ["", *_nms_blocks(args, device, tv)]
+
+
+def _nms_blocks(args, device, tv) -> list[str]:
+    """The RPN's NMS (one ``batched_nms`` per batch, groups = image x level) on the R-50-FPN's own
+    candidates for 1 and 8 images, with NMS's device block of 1024 (the default), 2048 and 4096 boxes:
+    larger blocks mean fewer reads and kernels (counted on the CPU: benchmarks/syncs.py) but bigger IoU
+    tiles; which is the faster on this GPU?"""
+    import importlib
+
+    import torch
+
+    from benchmarks.inference import paired_models
+    from maskrcnn.ops.nms import batched_nms
+
+    nms_module = importlib.import_module("maskrcnn.ops.nms")
+    rpn_module = importlib.import_module("maskrcnn.modeling.rpn")
+    model = paired_models(None, size=320 if args.quick else 800, device=device)["maskrcnn"]
+    images, _ = _images(args, device, 2 if args.quick else 8)
+    captured = []  # (boxes, scores, groups, iou) of each RPN call (inference batches images of one size)
+    original = rpn_module.batched_nms
+    rpn_module.batched_nms = lambda *a: captured.append(a) or original(*a)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        rpn_module.batched_nms = original
+    # the batch as training's one call sees it: every image's candidates, groups numbered per image
+    offsets = [0]
+    for _, _, groups, _ in captured[:-1]:
+        offsets.append(offsets[-1] + int(groups.max()) + 1 if groups.numel() else offsets[-1])
+    batch = tuple(
+        torch.cat([c[i] + (o if i == 2 else 0) for c, o in zip(captured, offsets)]) for i in range(3)
+    )
+    cases = [
+        ("the first call", captured[0]),
+        (f"all {len(images)} images in one call", (*batch, captured[0][3])),
+    ]
+    block, tile = nms_module._DEVICE_BLOCK, nms_module._DEVICE_TILE_ELEMS
+    sizes = (1024, 2048, 4096)
+    lines = [
+        "RPN NMS (batched, IoU 0.7) on the model's candidates: ms, and host-device synchronisations",
+        "",
+        f"| candidates | boxes | {' | '.join(f'block {b}' for b in sizes)} |"
+        + (" torchvision |" if tv is not None else ""),
+        "| --- " * (len(sizes) + 2 + (tv is not None)) + "|",
+    ]
+    for n, inputs in cases:
+        ours = functools.partial(batched_nms, *inputs)
+        cells, reference = [], None
+        try:
+            for b in sizes:
+                nms_module._DEVICE_BLOCK, nms_module._DEVICE_TILE_ELEMS = b, max(tile, b * b)
+                keep = ours()
+                reference = keep if reference is None else reference
+                same = "" if torch.equal(keep, reference) else " (other boxes!)"
+                t = timed(ours, device, runs=max(args.runs, 5))
+                cells.append(f"{fmt_ms(t)}, {_syncs_in(ours)} syncs{same}")
+        finally:
+            nms_module._DEVICE_BLOCK, nms_module._DEVICE_TILE_ELEMS = block, tile
+        if tv is not None:
+            cells.append(
+                fmt_ms(timed(functools.partial(tv.ops.batched_nms, *inputs), device, runs=max(args.runs, 5)))
+            )
+        lines.append(f"| {n} | {len(inputs[0])} | {' | '.join(cells)} |")
     return lines
 
 
