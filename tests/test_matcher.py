@@ -108,3 +108,24 @@ def test_subsample_draws_like_torchvision():
     want_pos = fg[torch.randperm(len(fg))[:4]].sort().values
     want_neg = bg[torch.randperm(len(bg))[:12]].sort().values
     assert torch.equal(pos, want_pos) and torch.equal(neg, want_neg)
+
+
+def test_batch_draws_like_one_call_per_image_with_one_read():
+    """The batch form draws what one call per image draws, image after image (torchvision's sampler over
+    a batch), and reads every image's counts back at once."""
+    from maskrcnn.modeling.matcher import subsample_labels_batch
+    from tests.syncs import count_syncs
+
+    g = torch.Generator().manual_seed(5)
+    labels = [torch.randint(-1, 4, (n,), generator=g) for n in (50, 0, 200, 7)]
+    kw = dict(num_samples=16, positive_fraction=0.25)
+    torch.manual_seed(1)
+    want = [subsample_labels(lab, **kw) for lab in labels]
+    torch.manual_seed(1)
+    with count_syncs() as syncs:
+        got = subsample_labels_batch(labels, **kw)
+    assert syncs.total == 1, syncs.report()
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, want))
+    assert subsample_labels_batch([], **kw) == []
+    with pytest.raises(ValueError, match="labels must be"):
+        subsample_labels_batch([labels[0][None]], **kw)

@@ -8,10 +8,12 @@ and ``BalancedPositiveNegativeSampler`` exactly (same results for the same input
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["Matcher", "subsample_labels"]
+__all__ = ["Matcher", "subsample_labels", "subsample_labels_batch"]
 
 
 class Matcher:
@@ -95,19 +97,41 @@ def subsample_labels(
         without replacement with ``torch.randperm`` (foreground first, then background, so the
         same RNG state draws the same sample as torchvision's ``BalancedPositiveNegativeSampler``).
     """
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be [P], got shape {tuple(labels.shape)}")
-    foreground, background = labels >= 1, labels == 0
-    # the foreground positions, then the background ones, each ascending (a stable sort by group), and
-    # both counts in one read back
-    group = torch.where(foreground, 0, torch.where(background, 1, 2)).to(torch.uint8)
-    order = torch.sort(group, stable=True).indices
-    num_fg, num_bg = torch.stack([foreground.sum(), background.sum()]).tolist()
-    positive, negative = order[:num_fg], order[num_fg : num_fg + num_bg]
-    num_pos = min(num_fg, int(num_samples * positive_fraction))
-    num_neg = min(num_bg, max(num_samples - num_pos, 0))
-    perm_pos = torch.randperm(positive.numel(), generator=generator, device=labels.device)[:num_pos]
-    perm_neg = torch.randperm(negative.numel(), generator=generator, device=labels.device)[:num_neg]
-    pos_idx = positive[perm_pos].sort().values
-    neg_idx = negative[perm_neg].sort().values
-    return pos_idx, neg_idx
+    return subsample_labels_batch(
+        [labels], num_samples=num_samples, positive_fraction=positive_fraction, generator=generator
+    )[0]
+
+
+def subsample_labels_batch(
+    labels: Sequence[Tensor],
+    *,
+    num_samples: int,
+    positive_fraction: float,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`subsample_labels` of each image's ``[P_i]`` labels, in image order (the same draws as one
+    call per image, as torchvision's sampler draws for a batch), with one host read for the whole batch:
+    every image's foreground and background counts at once."""
+    for lab in labels:
+        if lab.dim() != 1:
+            raise ValueError(f"labels must be [P], got shape {tuple(lab.shape)}")
+    if not labels:
+        return []
+    # per image, the foreground positions, then the background ones, each ascending (a stable sort by
+    # group); the counts of all images in one read back
+    orders, counts = [], []
+    for lab in labels:
+        foreground, background = lab >= 1, lab == 0
+        group = torch.where(foreground, 0, torch.where(background, 1, 2)).to(torch.uint8)
+        orders.append(torch.sort(group, stable=True).indices)
+        counts += [foreground.sum(), background.sum()]
+    counts = torch.stack(counts).tolist()
+    samples = []
+    for order, lab, num_fg, num_bg in zip(orders, labels, counts[0::2], counts[1::2], strict=True):
+        positive, negative = order[:num_fg], order[num_fg : num_fg + num_bg]
+        num_pos = min(num_fg, int(num_samples * positive_fraction))
+        num_neg = min(num_bg, max(num_samples - num_pos, 0))
+        perm_pos = torch.randperm(positive.numel(), generator=generator, device=lab.device)[:num_pos]
+        perm_neg = torch.randperm(negative.numel(), generator=generator, device=lab.device)[:num_neg]
+        samples.append((positive[perm_pos].sort().values, negative[perm_neg].sort().values))
+    return samples

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.box_branch import BoxBranch
-from maskrcnn.modeling.matcher import Matcher, subsample_labels
+from maskrcnn.modeling.matcher import Matcher, subsample_labels_batch
 from maskrcnn.ops.boxes import box_iou
 
 __all__ = ["RoIBranch", "RoIHeads"]
@@ -195,7 +195,7 @@ class RoIHeads(nn.Module):
     def _sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
         """Per image: sampled RoIs ``[S, 4]``, labels ``int64 [S]`` (0 = background) and matched gt index
         ``int64 [S]`` (0 for background RoIs)."""
-        rois, labels, matched = [], [], []
+        candidates = []  # per image: (RoIs, labels, matched gt index), before sampling
         for props, t in zip(proposals, targets, strict=True):
             gt_boxes = t["boxes"].to(device=props.device, dtype=props.dtype)
             gt_labels = t["labels"].to(device=props.device, dtype=torch.int64)
@@ -209,9 +209,14 @@ class RoIHeads(nn.Module):
                 lab = gt_labels[idx]
                 lab = torch.where(m == Matcher.BELOW_LOW_THRESHOLD, torch.zeros_like(lab), lab)
                 lab = torch.where(m == Matcher.BETWEEN_THRESHOLDS, torch.full_like(lab, -1), lab)
-            pos, neg = subsample_labels(
-                lab, num_samples=self.batch_size_per_image, positive_fraction=self.positive_fraction
-            )
+            candidates.append((props, lab, idx))
+        samples = subsample_labels_batch(  # one read back for the batch; torchvision's draws
+            [lab for _, lab, _ in candidates],
+            num_samples=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+        )
+        rois, labels, matched = [], [], []
+        for (props, lab, idx), (pos, neg) in zip(candidates, samples, strict=True):
             keep = torch.cat([pos, neg]).sort().values  # ascending, like torchvision
             rois.append(props[keep])
             labels.append(lab[keep])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.modeling.losses import at_least_float32
-from maskrcnn.modeling.matcher import Matcher, subsample_labels
+from maskrcnn.modeling.matcher import Matcher, subsample_labels_batch
 from maskrcnn.ops.anchors import AnchorGenerator
 from maskrcnn.ops.boxes import BoxCoder, box_iou, clip_boxes, large_enough
 from maskrcnn.ops.nms import batched_nms
@@ -220,7 +220,7 @@ def rpn_losses(
         anchors: ``[P, 4]``. labels: ``[N, P]`` (1 / 0 / -1, from :func:`label_anchors`).
         matched_gt_boxes: ``[N, P, 4]`` ground-truth box of every anchor.
 
-    ``batch_size_per_image`` anchors are sampled per image (:func:`subsample_labels`, at most
+    ``batch_size_per_image`` anchors are sampled per image (:func:`subsample_labels_batch`, at most
     ``positive_fraction`` foreground). ``loss_cls`` is the mean binary cross-entropy (with logits)
     over the sampled anchors; ``loss_box`` is the smooth-L1 (``beta = smooth_l1_beta``) between the
     foreground deltas and their encoded targets, summed, divided by the number of sampled anchors.
@@ -231,13 +231,13 @@ def rpn_losses(
     num_images, num_anchors = objectness.shape
     pos, neg = [], []
     with torch.no_grad():
-        for i in range(num_images):
-            p, n = subsample_labels(
-                labels[i],
-                num_samples=batch_size_per_image,
-                positive_fraction=positive_fraction,
-                generator=generator,
-            )
+        samples = subsample_labels_batch(
+            list(labels),
+            num_samples=batch_size_per_image,
+            positive_fraction=positive_fraction,
+            generator=generator,
+        )
+        for i, (p, n) in enumerate(samples):
             pos.append(p + i * num_anchors)
             neg.append(n + i * num_anchors)
         pos = torch.cat(pos)
