@@ -8,12 +8,13 @@ read per call (its CUDA kernel copies the suppression mask to the host), and its
 pick the branch it picks on CUDA (one NMS with offset coordinates up to 20,000 box coordinates; on the CPU
 it switches to one NMS per class above 4,000). RoIAlign kernels read nothing back on either side.
 
-    /tmp/tvref-venv/bin/python benchmarks/syncs.py [--images 4] [--train-size 512]
+    /tmp/tvref-venv/bin/python benchmarks/syncs.py [--images 4] [--train-size 512] [--train-batch 2]
 
 Inference: R-50-FPN with tests/tv_parity.py's seeded weights on coco-mini val images at --size (the
 default 800), one image per call. Training: one iteration (forward and backward) of benchmarks/train.py's
-R-18-FPN on its synthetic batch of 2 (the reads do not depend on the depth). Prints a markdown table, then
-each side's sites by count. With --no-torchvision (or where tvref cannot load it), ours only.
+R-18-FPN on its synthetic batch of --train-batch images (the reads do not depend on the depth). Prints a
+markdown table, then each side's sites by count. With --no-torchvision (or where tvref cannot load it),
+ours only.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4, help="coco-mini val images (sorted by name)")
     ap.add_argument("--size", type=int, default=800, help="inference: the images' shorter side")
     ap.add_argument("--train-size", type=int, default=512)
+    ap.add_argument("--train-batch", type=int, default=2, help="images per training iteration")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="sites listed per side")
     ap.add_argument("--no-torchvision", action="store_true", help="ours only")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         sites[name] = syncs.by_site  # of the last image
         files[name] = syncs.launches
         rows[name] = [per_call, detections, ops]
-    batch = synthetic_batch(2, args.train_size, 0, 5)
+    batch = synthetic_batch(args.train_batch, args.train_size, 0, 5)
     for name, model in _training_models(tv, args.train_size).items():
         model.train()
         with _counter(name, tv)() as syncs:
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"torch {torch.__version__}; {len(images)} coco-mini val images at {args.size} px, one per call;"
-        f" training: one iteration of R-18-FPN, batch 2 at {args.train_size} px;"
+        f" training: one iteration of R-18-FPN, batch {args.train_batch} at {args.train_size} px;"
         f" command: benchmarks/syncs.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     )
     print()
