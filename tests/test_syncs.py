@@ -61,24 +61,30 @@ def disjoint_boxes(n: int) -> torch.Tensor:
     return torch.stack([x, y, x + 1, y + 1], dim=1)
 
 
-@pytest.mark.parametrize("n, reads", [(1000, 2), (3000, 6)])
-def test_nms_reads_per_block_not_per_category(n, reads):
-    """Disjoint boxes (nothing suppressed, settled before the first read): each block reads once whether
-    any box is undecided, every block but the last shrinks the pool with one nonzero, and one more gathers
-    the kept positions: 2 reads in one block of 1024, 3 + 2 + 1 in three. Categories add none."""
+@pytest.mark.parametrize("n, reads, by_category", [(1000, 2, 3), (3000, 6, 5)])
+def test_nms_reads_per_block_not_per_category(n, reads, by_category, monkeypatch):
+    """Disjoint boxes (nothing suppressed, settled before the first read), blocks of 1024: each block reads
+    once whether any box is undecided, every block but the last shrinks the pool with one nonzero, and one
+    more gathers the kept positions: 2 reads in one block, 3 + 2 + 1 in three. With 50 categories the
+    boxes are swept category after category in fixed blocks (nothing to shrink): one read of the category
+    sizes, one per block, one to gather, whatever the number of categories."""
+    import importlib
+
+    nms_module = importlib.import_module("maskrcnn.ops.nms")
+    monkeypatch.setattr(nms_module, "_DEVICE_BLOCK", 1024)
     boxes = disjoint_boxes(n)
     scores = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    for idxs in (None, torch.arange(n) % 50):
+    for idxs, expected in ((None, reads), (torch.arange(n) % 50, by_category)):
         with device_paths(), count_syncs() as syncs:
             keep = nms(boxes, scores, 0.5) if idxs is None else batched_nms(boxes, scores, idxs, 0.5)
         assert sorted(keep.tolist()) == list(range(n))
-        assert syncs.total == reads, syncs.report()
+        assert syncs.total == expected, syncs.report()
 
 
-def test_nms_meets_the_rest_in_one_tile_per_block_on_devices(monkeypatch):
-    """A block of 1024 meets up to 8192 remaining boxes in one IoU tile (each tile ~16 kernels on a GPU):
-    9000 disjoint boxes are 9 blocks, each with one in-block tile and all but the last with one tile
-    against the rest (7976 boxes after the first block)."""
+def test_nms_tiles_on_devices(monkeypatch):
+    """A block of 4096 meets the rest of the pool in tiles of 16M IoU values (4096 boxes each): 9000
+    disjoint boxes are 3 blocks (in-block tiles), the first meeting its 4904 successors in 2 tiles, the
+    second its 808 in 1."""
     import importlib
 
     nms_module = importlib.import_module("maskrcnn.ops.nms")
@@ -90,7 +96,36 @@ def test_nms_meets_the_rest_in_one_tile_per_block_on_devices(monkeypatch):
     with device_paths():
         keep = nms(boxes, scores, 0.5)
     assert keep.numel() == 9000
-    assert len(calls) == 9 + 8
+    assert len(calls) == 3 + 2 + 1
+
+
+def test_batched_nms_meets_only_its_own_category_on_devices(monkeypatch):
+    """Categories never interact, so on a device the boxes are swept category after category and a block
+    meets only the rest of the category it ends inside: 8000 boxes in 10 interleaved categories of 800, in
+    blocks of 1024, take 8 in-block tiles of 1024 x 1024 and rests of under 800 boxes (about 13M IoU
+    values), not the whole rest of the pool after each block (about 35M). Same result as the CPU's
+    per-category sweeps."""
+    import importlib
+
+    nms_module = importlib.import_module("maskrcnn.ops.nms")
+    monkeypatch.setattr(nms_module, "_DEVICE_BLOCK", 1024)
+    values = []
+    original = nms_module._iou_gt_torch
+    monkeypatch.setattr(
+        nms_module,
+        "_iou_gt_torch",
+        lambda a, b, t: values.append(a.shape[1] * b.shape[1]) or original(a, b, t),
+    )
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(8000, 2, generator=g) * 600
+    boxes = torch.cat([xy, xy + 20 + torch.rand(8000, 2, generator=g) * 80], dim=1)
+    scores = torch.rand(8000, generator=g)
+    idxs = torch.arange(8000) % 10
+    expected = batched_nms(boxes, scores, idxs, 0.7)
+    with device_paths():
+        got = batched_nms(boxes, scores, idxs, 0.7)
+    assert torch.equal(got, expected)
+    assert sum(values) < 8 * 1024 * 1024 + 8 * 1024 * 800, sum(values)
 
 
 @pytest.mark.parametrize("n", [2, 9, 17])
