@@ -94,12 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=800, help="inference: the images' shorter side")
     ap.add_argument("--train-size", type=int, default=512)
     ap.add_argument("--train-batch", type=int, default=2, help="images per training iteration")
+    ap.add_argument("--nms-block", type=int, default=0, help="ours: NMS's device block (default: its own)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="sites listed per side")
     ap.add_argument("--no-torchvision", action="store_true", help="ours only")
     args = ap.parse_args(argv)
     tv = None if args.no_torchvision else _torchvision(args.shared)
+    import importlib
+
     import torch
+
+    # ours: the IoU values its NMS computes (the device work of the torch backend), and its device block
+    nms_module = importlib.import_module("maskrcnn.ops.nms")
+    if args.nms_block:
+        nms_module._DEVICE_BLOCK = args.nms_block
+        nms_module._DEVICE_TILE_ELEMS = max(nms_module._DEVICE_TILE_ELEMS, args.nms_block**2)
+    iou_values = []
+    iou_gt = nms_module._iou_gt_torch
+    nms_module._iou_gt_torch = lambda a, b, t: iou_values.append(a.shape[1] * b.shape[1]) or iou_gt(a, b, t)
 
     from benchmarks.inference import paired_models
     from benchmarks.train import synthetic_batch
@@ -109,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     folder = os.path.join(args.shared, "data", "coco-mini", "val2017")
     files = sorted(f for f in os.listdir(folder) if f.endswith(".jpg"))[: args.images]
     images = [read_image(os.path.join(folder, f)) for f in files]
-    rows, sites, files = {}, {}, {}
+    rows, sites, files, nms_values = {}, {}, {}, {}
     for name, model in paired_models(tv, size=args.size).items():
         counter = _counter(name, tv)
         per_call, detections, ops = [], [], []
         for im in images:
+            iou_values.clear()
             with torch.no_grad(), counter() as syncs:
                 (out,) = model([im])
+            nms_values.setdefault(name, []).append(sum(iou_values))
             per_call.append(syncs.total)
             detections.append(len(out["boxes"]))
             ops.append(sum(syncs.launches.values()))
@@ -125,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = synthetic_batch(args.train_batch, args.train_size, 0, 5)
     for name, model in _training_models(tv, args.train_size).items():
         model.train()
+        iou_values.clear()
         with _counter(name, tv)() as syncs:
             losses = model(*batch)
             sum(losses.values()).backward()
+        nms_values[f"{name} training"] = sum(iou_values)
         rows[name] += [syncs.total, sum(syncs.launches.values())]
         sites[f"{name} training"] = syncs.by_site
         files[f"{name} training"] = syncs.launches
@@ -148,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {statistics.median(per_call):g} ({min(per_call)}-{max(per_call)}) |"
             f" {min(detections)}-{max(detections)} | {train} | {statistics.median(ops):g}"
             f" ({min(ops)}-{max(ops)}) | {train_ops} |"
+        )
+    if "maskrcnn" in nms_values:
+        print(
+            f"\nmaskrcnn's NMS (device block {nms_module._DEVICE_BLOCK}): IoU values computed, median per"
+            f" inference call {statistics.median(nms_values['maskrcnn']) / 1e6:.1f}M, per training"
+            f" iteration {nms_values['maskrcnn training'] / 1e6:.1f}M"
         )
     for name, counter in sites.items():
         what = name if name.endswith("training") else f"{name} inference (last image)"
