@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.losses import keypoint_loss
-from maskrcnn.modeling.roi_heads import RoIBranch
+from maskrcnn.modeling.roi_heads import RoIBranch, foreground_rois
 from maskrcnn.ops.keypoints import heatmaps_to_keypoints, keypoints_to_heatmap_targets
 
 __all__ = ["KeypointBranch"]
@@ -66,12 +66,9 @@ class KeypointBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        # the batch's foreground RoIs in one pass (one read back), image by image: [P, 5] (image, box)
-        all_labels = torch.cat(labels)
-        positive = torch.nonzero(all_labels > 0).squeeze(1)
-        image = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels)])[positive]
-        boxes = torch.cat(rois)[positive]
-        logits = self.logits(features, torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1))
+        positive, pos_rois = foreground_rois(rois, labels)
+        logits = self.logits(features, pos_rois)
+        boxes = pos_rois[:, 1:]
         with torch.no_grad():
             # each RoI's matched object among the batch's: its index in its image plus the image's offset
             first, offsets = 0, []

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.modeling.losses import MASK_LOSSES, at_least_float32, mask_loss
-from maskrcnn.modeling.roi_heads import RoIBranch
+from maskrcnn.modeling.roi_heads import RoIBranch, foreground_rois
 from maskrcnn.ops.masks import crop_and_resize_bitmasks_batch
 
 __all__ = ["MaskBranch"]
@@ -102,13 +102,8 @@ class MaskBranch(RoIBranch):
         targets: Sequence[dict[str, Tensor]],
         box_features: Tensor | None,
     ) -> dict[str, Tensor]:
-        # the batch's foreground RoIs in one pass (one read back), image by image: [P, 5] (image, box)
-        all_labels = torch.cat(labels)
-        positive = torch.nonzero(all_labels > 0).squeeze(1)
-        image = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels)])[positive]
-        boxes = torch.cat(rois)[positive]
-        pos_rois = torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
-        pos_labels = all_labels[positive]
+        positive, pos_rois = foreground_rois(rois, labels)
+        pos_labels = torch.cat(labels)[positive]
         if self.mask_pooler is None:
             mask_features = box_features[positive]  # the box branch's features, in the same RoI order
         else:

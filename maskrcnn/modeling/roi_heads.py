@@ -32,7 +32,17 @@ from maskrcnn.modeling.box_branch import BoxBranch
 from maskrcnn.modeling.matcher import Matcher, subsample_labels_batch
 from maskrcnn.ops.boxes import box_iou
 
-__all__ = ["RoIBranch", "RoIHeads"]
+__all__ = ["RoIBranch", "RoIHeads", "foreground_rois"]
+
+
+def foreground_rois(rois: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The batch's foreground RoIs, found with one host read: ``(positive, fg_rois)``, ``positive`` int64
+    ``[P]`` their positions in the batch's concatenated RoIs (image by image) and ``fg_rois`` ``[P, 5]``
+    (image, x1, y1, x2, y2). ``rois``, ``labels``: per image ``[S_i, 4]`` and ``[S_i]`` (0 background)."""
+    positive = torch.nonzero(torch.cat(labels) > 0).squeeze(1)
+    image = torch.cat([torch.full_like(lab, i) for i, lab in enumerate(labels)])[positive]
+    boxes = torch.cat(rois)[positive]
+    return positive, torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
 
 
 class RoIBranch(nn.Module):

@@ -45,14 +45,15 @@ _CPU_BLOCK = 128
 _CPU_TILE_ELEMS = 1 << 16
 _DEVICE_BLOCK = 4096
 # IoU values computed at once on a device: 16M (64 MiB per float32 tile, ~200 MiB transient), a block's own
-# 4096 x 4096 in one tile. Counted on the CPU (R-18-FPN, a batch of 8 at 512 px, the RPN's NMS over 40
-# image x level categories swept category after category): blocks of 4096 instead of 1024 take 38 reads
-# instead of 107 and 1,492 kernels instead of 4,954, for 296M IoU values instead of 113M (the
-# score-ordered sweep of blocks of 1024 before: 59 reads, 5,166 kernels, 830M values)
+# 4096 x 4096 in one tile. Counted on the CPU by benchmarks/syncs.py --train-batch 8 [--nms-block 1024]
+# (R-18-FPN, a batch of 8 at 512 px: the RPN's NMS over 40 image x level categories, swept category after
+# category): blocks of 4096 instead of 1024 take 38 reads instead of 107 and 1,492 kernels instead of
+# 4,954, for 297M IoU values instead of 113M (the score-ordered sweep of blocks of 1024 before: 58 reads,
+# 5,166 kernels, 831M values). Which is the faster on a GPU is for benchmarks/gpu.py's ops part.
 _DEVICE_TILE_ELEMS = 1 << 24
 # Fixed-point rounds of the greedy passes on suppression graphs (torch in-block pass, numpy small categories)
 # before they finish with a sequential scan; the torch pass reads back whether it is done every
-# _ROUNDS_PER_READ rounds (most blocks of a detector's NMS settle in 2 or 3).
+# _ROUNDS_PER_READ rounds (a detector's blocks settle in a few).
 _MAX_ROUNDS = 16
 _ROUNDS_PER_READ = 2
 
@@ -350,7 +351,6 @@ def _greedy_block_torch(m: Tensor, alive: Tensor | None = None) -> Tensor:
         alive = torch.ones(s, dtype=torch.bool, device=m.device)
     else:  # boxes already suppressed: never kept, suppress nothing
         edges &= alive[:, None]
-        m = m & alive[:, None]
         alive = alive.clone()
     pending = edges.any(0) & alive  # undecided: some earlier box may suppress it
     for _ in range(_MAX_ROUNDS // _ROUNDS_PER_READ):
@@ -363,7 +363,7 @@ def _greedy_block_torch(m: Tensor, alive: Tensor | None = None) -> Tensor:
         if not bool(pending.any()):
             return alive
     kept = torch.zeros(s, dtype=torch.bool)
-    kept[_scan_block(m.cpu().numpy())] = True
+    kept[_scan_block((m & alive[:, None]).cpu().numpy())] = True  # the suppressed suppress nothing
     return kept.to(m.device) & alive
 
 
