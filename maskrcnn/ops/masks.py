@@ -287,18 +287,19 @@ def crop_and_resize_bitmasks_batch(
             start, values = i, 0
         values += m.numel()
     groups.append((start, len(masks)))
-    out = torch.empty((rois.shape[0], size, size), dtype=dtype, device=rois.device)
-    for first, end in groups:
-        sel = None if len(groups) == 1 else torch.nonzero((image >= first) & (image < end)).squeeze(1)
-        r, i = (rois, indices) if sel is None else (rois[sel], indices[sel])
+
+    def crop(first: int, end: int, r: Tensor, i: Tensor) -> Tensor:  # images first..end-1 in one pass
         maps = [m[:, None].to(device=rois.device, dtype=dtype) for m in masks[first:end]]
         boxes = torch.cat([i.to(dtype)[:, None], r[:, 1:].to(dtype)], dim=1)
         crops = roi_align_levels(maps, boxes, r[:, 0].long() - first, (size, size), [1.0] * len(maps), **kw)
-        crops = _binarise(crops[:, 0], threshold)
-        if sel is None:
-            out = crops
-        else:
-            out[sel] = crops
+        return _binarise(crops[:, 0], threshold)
+
+    if len(groups) == 1:
+        return crop(0, len(masks), rois, indices)
+    out = torch.empty((rois.shape[0], size, size), dtype=dtype, device=rois.device)
+    for first, end in groups:
+        sel = torch.nonzero((image >= first) & (image < end)).squeeze(1)
+        out[sel] = crop(first, end, rois[sel], indices[sel])
     return out
 
 
