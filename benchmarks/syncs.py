@@ -99,19 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=12, help="sites listed per side")
     ap.add_argument("--no-torchvision", action="store_true", help="ours only")
     args = ap.parse_args(argv)
+    args.command = " ".join(argv if argv is not None else sys.argv[1:])
     tv = None if args.no_torchvision else _torchvision(args.shared)
     import importlib
+    from unittest import mock
 
-    import torch
-
-    # ours: the IoU values its NMS computes (the device work of the torch backend), and its device block
+    # ours: the IoU values its NMS computes (the device work of the torch backend), and its device block;
+    # patched for this call only (the suite runs main in its own process)
     nms_module = importlib.import_module("maskrcnn.ops.nms")
-    if args.nms_block:
-        nms_module._DEVICE_BLOCK = args.nms_block
-        nms_module._DEVICE_TILE_ELEMS = max(nms_module._DEVICE_TILE_ELEMS, args.nms_block**2)
+    block = args.nms_block or nms_module._DEVICE_BLOCK
+    tile = max(nms_module._DEVICE_TILE_ELEMS, block**2)
     iou_values = []
     iou_gt = nms_module._iou_gt_torch
-    nms_module._iou_gt_torch = lambda a, b, t: iou_values.append(a.shape[1] * b.shape[1]) or iou_gt(a, b, t)
+    with (
+        mock.patch.object(nms_module, "_DEVICE_BLOCK", block),
+        mock.patch.object(nms_module, "_DEVICE_TILE_ELEMS", tile),
+        mock.patch.object(
+            nms_module,
+            "_iou_gt_torch",
+            lambda a, b, t: iou_values.append(a.shape[1] * b.shape[1]) or iou_gt(a, b, t),
+        ),
+    ):
+        return _measure(args, tv, iou_values, block)
+
+
+def _measure(args, tv, iou_values: list[int], block: int) -> int:
+    import torch
 
     from benchmarks.inference import paired_models
     from benchmarks.train import synthetic_batch
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}; {len(images)} coco-mini val images at {args.size} px, one per call;"
         f" training: one iteration of R-18-FPN, batch {args.train_batch} at {args.train_size} px;"
-        f" command: benchmarks/syncs.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+        f" command: benchmarks/syncs.py {args.command}"
     )
     print()
     print(
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "maskrcnn" in nms_values:
         print(
-            f"\nmaskrcnn's NMS (device block {nms_module._DEVICE_BLOCK}): IoU values computed, median per"
+            f"\nmaskrcnn's NMS (device block {block}): IoU values computed, median per"
             f" inference call {statistics.median(nms_values['maskrcnn']) / 1e6:.1f}M, per training"
             f" iteration {nms_values['maskrcnn training'] / 1e6:.1f}M"
         )
