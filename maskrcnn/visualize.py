@@ -127,11 +127,7 @@ def draw_instances(
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
 
     if binary is not None and len(binary):
-        pixels = np.asarray(canvas, dtype=np.float32).copy()
-        for i in reversed(range(len(binary))):  # the first instance ends on top
-            ys, xs = np.nonzero(binary[i])
-            pixels[ys, xs] = pixels[ys, xs] * (1.0 - alpha) + np.asarray(colors[i], np.float32) * alpha
-        canvas = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), "RGB")
+        canvas = _blend_masks(canvas, binary, colors, alpha)
 
     draw = ImageDraw.Draw(canvas)
     line = max(1, round(max(width, height) / 400))
@@ -165,6 +161,22 @@ def draw_instances(
     if points is not None:
         _draw_keypoints(draw, points, shown, colors, skeleton or (), line)
     return canvas
+
+
+def _blend_masks(canvas: Image.Image, binary: np.ndarray, colors, alpha: float) -> Image.Image:
+    """``canvas`` with each mask of ``binary [N, H, W]`` blended in (``pixel * (1 - alpha) + colour * alpha``
+    in float32, then rounded), the last mask first so that the first ends on top. Each mask's pixels are
+    looked for only inside the rows and columns it covers."""
+    pixels = np.asarray(canvas, dtype=np.float32).copy()
+    rows, cols = binary.any(axis=2), binary.any(axis=1)  # [N, H], [N, W]
+    for i in reversed(range(len(binary))):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if not ys.size:
+            continue
+        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+        region, inside = pixels[y0:y1, x0:x1], binary[i, y0:y1, x0:x1]
+        region[inside] = region[inside] * (1.0 - alpha) + np.asarray(colors[i], np.float32) * alpha
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8), "RGB")
 
 
 def _keypoints(keypoints, scores, n: int, threshold: float) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -18,8 +18,9 @@ from maskrcnn.engine.predict import (
     load_image,
     predict,
 )
-from maskrcnn.visualize import PALETTE, draw_instances
+from maskrcnn.visualize import PALETTE, draw_instances, to_pil_image
 from tests.common import tiny_model
+from tests.reference.drawing_ref import blend_masks_naive
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +264,23 @@ def test_draw_instances_blends_exactly_the_thresholded_mask():
     changed = (out != 0).any(axis=2)
     # away from the box outline in the corner, exactly the pixels with probability >= 0.5 are coloured
     np.testing.assert_array_equal(changed[3:], (prob[0, 0, 3:] >= 0.5).numpy())
+
+
+def test_draw_instances_blends_overlapping_masks_like_the_naive_loop():
+    # overlapping masks, one empty, one touching the image's corner: every pixel as the naive blend has it
+    # (boxes drawn off the image, so that only the masks change pixels)
+    g = torch.Generator().manual_seed(1)
+    h, w, n = 37, 53, 6
+    image = torch.rand(3, h, w, generator=g)
+    masks = torch.zeros(n, 1, h, w)
+    for i, (y0, y1, x0, x1) in enumerate([(0, 20, 0, 30), (10, 37, 20, 53), (5, 6, 5, 6), (0, 0, 0, 0)]):
+        masks[i, 0, y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=g)
+    masks[4:, 0] = torch.rand(n - 4, h, w, generator=g)  # scattered pixels anywhere
+    far = torch.tensor([[w + 10.0, h + 10.0, w + 20.0, h + 20.0]]).repeat(n, 1)
+    out = draw_instances(image, boxes=far, masks=masks, alpha=0.4)
+    binary = (masks[:, 0] >= 0.5).numpy()
+    expected = blend_masks_naive(np.asarray(to_pil_image(image)), binary, PALETTE[:n], 0.4)
+    np.testing.assert_array_equal(np.asarray(out), expected)
 
 
 @pytest.mark.gpu
