@@ -34,8 +34,10 @@ after each):
    the iteration's wall time against its GPU time, and its host-device synchronisations;
    ``infer_profile``: one batch-1 inference call of ours and of torchvision likewise, operators by host
    time, with the kernel launch count (is the call bound by the host?);
-6. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed;
-7. ``layout``: ``train``'s first run with ours in NCHW (is channels-last, ``fast_layout``'s choice on CUDA,
+6. ``predict``: benchmarks/predict.py on the images: ``maskrcnn predict``'s seconds per image with 1 and 4
+   writer threads, beside the model alone and the writing alone (does the drawing keep up with a GPU?);
+7. ``ablate``: issue 11's GPU budget, ``maskrcnn ablate --table 2e --seeds 1 --device cuda`` timed;
+8. ``layout``: ``train``'s first run with ours in NCHW (is channels-last, ``fast_layout``'s choice on CUDA,
    the faster one there?).
 
 Times: median (min-max) of --runs, each call bracketed by ``torch.cuda.synchronize()``, after warm-up.
@@ -529,6 +531,33 @@ def part_infer_profile(args, device, tv) -> list[str]:
     return lines
 
 
+def part_predict(args, device, tv) -> list[str]:
+    import tempfile
+
+    from benchmarks.predict import measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.images and os.path.isdir(args.images):
+            names = sorted(os.listdir(args.images))
+            paths = [os.path.join(args.images, f) for f in names if f.lower().endswith((".jpg", ".png"))][:8]
+        else:
+            from PIL import Image
+
+            images, _ = _images(args, device, 2)
+            paths = []
+            for i, im in enumerate(images):
+                paths.append(os.path.join(tmp, f"{i}.png"))
+                Image.fromarray((im.cpu().permute(1, 2, 0) * 255).byte().numpy()).save(paths[-1])
+        lines, _ = measure(
+            paths,
+            device=str(device),
+            runs=args.runs if not args.quick else 1,
+            writers=[1, 2] if args.quick else [1, 4],
+            size=320 if args.quick else 800,
+        )
+    return lines
+
+
 def part_ablate(args, device, tv) -> list[str]:
     """Issue 11's GPU budget: ``maskrcnn ablate --table 2e --seeds 1`` (the FPN default model and the MLP
     mask head, 350 iterations each) on the device; the default's 22 runs take about 11x its time."""
@@ -564,6 +593,7 @@ PARTS = {  # in order of what a short lease must bring back first
     "ops": part_ops,
     "profile": part_profile,
     "infer_profile": part_infer_profile,
+    "predict": part_predict,
     "ablate": part_ablate,
     "layout": part_layout,
 }

@@ -164,6 +164,17 @@ def _device(name: str):
     return resolve_device(name)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _check_writable(folder: str) -> None:
     """Fail early, in one line, when ``folder`` (or the nearest existing folder above it, where it would be
     created) cannot be written. Creates nothing."""
@@ -257,6 +268,7 @@ def cmd_predict(args) -> int:
         score_threshold=args.score_threshold,
         class_names=_class_names(args),
         overwrite=args.overwrite,
+        writers=args.writers,
     )
     line = f"{len(results)} detection(s) on {len(results.read)} image(s)"
     if results.unreadable:
@@ -494,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep detections above this score")
     _add_classes_arg(p)
     p.add_argument("--device", help="auto (default), cpu, cuda ...")
+    p.add_argument(
+        "--writers",
+        type=_positive_int,
+        help="threads that draw and write beside the model (default: 1 on a CPU, up to 4 on a GPU)",
+    )
     _add_precision_arg(p)
     _add_test_settings_arg(p)
     p.set_defaults(func=cmd_predict)

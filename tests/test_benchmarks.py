@@ -38,12 +38,13 @@ def test_gpu_script_runs_every_part_small_on_a_cpu(tmp_path):
     out = tmp_path / "gpu"
     assert main(["--out", str(out), "--device", "cpu", "--quick", "--runs", "1"]) == 0
     report = (out / "gpu.md").read_text()
-    for part in ("tests", "ops", "inference", "train", "profile", "infer_profile", "ablate"):
+    for part in ("tests", "ops", "inference", "train", "profile", "infer_profile", "predict", "ablate"):
         assert f"### {part} (" in report
     assert "| box head 7x7 | forward+backward |" in report and "| 5000 |" in report
     assert "| all 2 images in one call | " in report.split("RPN NMS")[1]  # NMS block sizes on real candidates
     assert "| maskrcnn fp32 |" in report and "ms per iteration (wall)" in report
     assert "host time per stage" in report and "backbone" in report.split("host time per stage")[1]
+    assert "| predict, 2 writer(s) | " in report and "| writing in 2 threads | " in report
     assert "- align-avg: " in report and "- the default (22 runs) at this pace" in report
     assert "Traceback" not in report
     assert main(["--out", str(out), "--device", "cpu", "--parts", "ops,nope"]) == 2

@@ -376,7 +376,14 @@ def test_predict_outputs_are_distinct_and_never_overwritten(tmp_path, capsys, ch
     )
     assert _snapshot(out) == drawn
     assert main([*argv, "--overwrite"]) == 0
+    assert _snapshot(out) == drawn  # the same drawings again
+    assert main([*argv, "--overwrite", "--writers", "2"]) == 0
+    assert _snapshot(out) == drawn  # with two writer threads, too
     assert "--overwrite" in build_help("predict") and "holds any input" in build_help("predict")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--overwrite", "--writers", "0"])
+    assert exit_.value.code == 2 and "--writers: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def build_help(command):

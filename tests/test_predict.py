@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maskrcnn.engine import predict as predict_module
 from maskrcnn.engine.predict import (
     NoReadableImagesError,
     OutputConflictError,
@@ -205,6 +206,70 @@ def test_predict_when_no_image_can_be_read(tmp_path, mask_model):
     with pytest.raises(NoReadableImagesError, match=r"none of the 2 input image\(s\) could be read .*a.jpg"):
         predict(mask_model, str(folder), output_dir=str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _run_files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_predict_with_several_writers_writes_what_one_writes(tmp_path, capsys, mask_model):
+    sizes = [(40 + 4 * i, 48 - 2 * i) for i in range(7)]
+    paths = write_images(tmp_path / "in", sizes=sizes)
+    broken = tmp_path / "in" / "im3.png"  # one unreadable image in the middle
+    broken.write_bytes(b"not a png")
+    runs = {}
+    for writers in (1, 3):
+        out = tmp_path / f"out{writers}"
+        entries = predict(
+            mask_model, paths, output_dir=str(out), score_threshold=0.0, progress=False, writers=writers
+        )
+        assert entries.read == [p for p in paths if p != str(broken)]
+        assert entries.unreadable == [str(broken)]
+        assert [e["image_id"] for e in entries] == sorted(e["image_id"] for e in entries)  # input order
+        runs[writers] = (list(entries), _run_files(out), capsys.readouterr().err.replace(str(out), "OUT"))
+    assert runs[1] == runs[3] and runs[1][0], "same entries, drawings, json and messages"
+    with pytest.raises(ValueError, match="writers"):
+        predict(mask_model, paths, output_dir=str(tmp_path / "o0"), progress=False, writers=0)
+
+
+def test_predict_stops_on_a_write_error_and_on_an_interruption_keeping_whole_drawings(
+    tmp_path, monkeypatch, mask_model
+):
+    paths = write_images(tmp_path / "in", sizes=[(40, 48)] * 6)
+    real = predict_module._draw_and_write
+
+    def failing(out, **kw):
+        if kw["index"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(out, **kw)
+
+    monkeypatch.setattr(predict_module, "_draw_and_write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        predict(mask_model, paths, output_dir=str(tmp_path / "full"), progress=False, writers=2)
+    monkeypatch.setattr(predict_module, "_draw_and_write", real)
+    written = os.listdir(tmp_path / "full")
+    assert "im0.jpg.png" in written and "im2.jpg.png" not in written and "predictions.json" not in written
+
+    calls = []
+
+    class Interrupted(torch.nn.Module):  # the user presses Ctrl-C during the fourth image
+        def __init__(self):
+            super().__init__()
+            self.inner = mask_model
+
+        def forward(self, images):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return self.inner(images)
+
+    with pytest.raises(KeyboardInterrupt):
+        predict(Interrupted(), paths, output_dir=str(tmp_path / "stop"), progress=False, writers=2)
+    written = sorted(os.listdir(tmp_path / "stop"))  # every image that went through the model: whole
+    assert written == ["im0.jpg.png", "im1.png.png", "im2.jpg.png"]
+    for name in written:
+        with Image.open(tmp_path / "stop" / name) as im:
+            im.load()
 
 
 # --------------------------------------------------------------------------------------------------

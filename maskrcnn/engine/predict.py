@@ -19,11 +19,14 @@ input (or is an input's folder) is refused, and a file that exists is never writ
 
 from __future__ import annotations
 
+import collections
+import functools
 import glob
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
@@ -43,6 +46,7 @@ __all__ = [
     "OutputConflictError",
     "Predictions",
     "check_output_dir",
+    "default_writers",
     "list_images",
     "load_image",
     "output_names",
@@ -149,6 +153,66 @@ def check_output_dir(paths: Sequence[str], output_dir: str, *, overwrite: bool =
     return targets
 
 
+#: Images decoded ahead of the model, at most.
+_READ_AHEAD = 2
+
+
+def default_writers(device: torch.device) -> int:
+    """Threads that draw and write predictions: 1 beside a model on the CPU (which has the cores busy); on
+    an accelerator, up to 4, leaving the host a core."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _read(path: str):
+    """The image (float ``[3, H, W]``), or the :class:`ImageReadError` that names the file."""
+    try:
+        return read_image(path)  # the decoding of training and evaluation
+    except ImageReadError as e:
+        return e
+
+
+def _draw_and_write(
+    out: dict,
+    *,
+    image,
+    index: int,
+    path: str,
+    drawing: str,
+    class_names,
+    to_category,
+    skeleton,
+    keypoint_threshold,
+) -> list[dict]:
+    """Draws one image's detections (CPU tensors) into ``drawing`` (atomically) and returns its entries."""
+    kps = out.get("keypoints")
+    lines = skeleton
+    if lines is None and kps is not None and kps.shape[1] == len(COCO_PERSON_KEYPOINT_NAMES):
+        lines = COCO_PERSON_SKELETON
+    picture = draw_instances(
+        to_pil_image(image),
+        boxes=out["boxes"],
+        labels=out["labels"],
+        scores=out["scores"],
+        masks=out.get("masks"),
+        class_names=class_names,
+        keypoints=kps,
+        keypoint_scores=out.get("keypoints_scores") if kps is not None else None,
+        skeleton=lines,
+        keypoint_threshold=keypoint_threshold,
+    )
+    os.makedirs(os.path.dirname(drawing), exist_ok=True)
+    with atomic_write(drawing, "wb") as fh:
+        picture.save(fh, format="PNG")
+    found = detections_to_coco([out], [index], label_to_category_id=to_category)
+    for entry, label in zip(found, out["labels"].tolist()):
+        entry["file_name"] = path
+        if class_names is not None:
+            entry["category_name"] = class_names[label] if label < len(class_names) else str(label)
+    return found
+
+
 def predict(
     model: nn.Module,
     paths: str | Sequence[str],
@@ -162,6 +226,7 @@ def predict(
     overwrite: bool = False,
     skeleton: Sequence[Sequence[int]] | None = None,
     keypoint_threshold: float = KEYPOINT_THRESHOLD,
+    writers: int | None = None,
 ) -> Predictions:
     """Run ``model`` on image files (``paths``: a list, or a spec for :func:`list_images`), one at a time.
 
@@ -171,6 +236,10 @@ def predict(
     existing file. An image that cannot be read is reported on stderr with its file name and skipped, and
     the number skipped is reported at the end; when none can be read, :class:`NoReadableImagesError` is
     raised and nothing is written.
+
+    The drawing, encoding and writing of each image runs in ``writers`` threads (:func:`default_writers`
+    when None), beside the model and a thread that decodes the next images: the outputs are the same, in
+    the same order, as one image after the other.
 
     Keypoints (a model that outputs ``keypoints``) are drawn where their ``keypoints_scores`` exceed
     ``keypoint_threshold``, joined by ``skeleton`` (1-based pairs, e.g. a ``CocoDataset``'s ``skeleton``;
@@ -193,56 +262,65 @@ def predict(
     to_category = recorded_ids if label_to_category_id is None else label_to_category_id
     if skeleton is None:
         skeleton = (getattr(model, "metadata", None) or {}).get("skeleton")
+    write = functools.partial(
+        _draw_and_write,
+        class_names=class_names,
+        to_category=to_category,
+        skeleton=skeleton,
+        keypoint_threshold=keypoint_threshold,
+    )
     was_training = model.training
     model.eval()
     entries: list[dict] = []
     read: list[str] = []
     skipped = 0
+    # Three stages overlap: a thread decodes the next images, the model runs here, ``writers`` threads draw,
+    # encode and write the previous ones (PIL and numpy release the GIL for most of that work). A few images
+    # wait at each side, so memory stays bounded; entries keep the inputs' order.
+    writers = default_writers(device) if writers is None else int(writers)
+    if writers < 1:
+        raise ValueError(f"writers must be >= 1, got {writers}")
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-read")
+    writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="predict-write")
+    reads: collections.deque = collections.deque()
+    writes: collections.deque = collections.deque()
+    pending = iter(enumerate(paths))
+
+    def finish_oldest_write() -> None:
+        path, future = writes.popleft()
+        entries.extend(future.result())  # an error while writing stops the run here
+        read.append(path)
+
     try:
         with torch.no_grad():
-            items = iterate_with_progress(
-                enumerate(paths), total=len(paths), desc="predict", enabled=progress
-            )
-            for index, path in items:
-                try:
-                    image = read_image(path)  # the decoding of training and evaluation
-                except ImageReadError as e:  # the file is named in the message: report it and go on
+            bar = iterate_with_progress(range(len(paths)), total=len(paths), desc="predict", enabled=progress)
+            for _ in bar:
+                while len(reads) <= _READ_AHEAD and (item := next(pending, None)) is not None:
+                    reads.append((*item, reader.submit(_read, item[1])))
+                index, path, future = reads.popleft()
+                image = future.result()
+                if isinstance(image, ImageReadError):  # the file is named in the message: report it, go on
                     skipped += 1
-                    print(f"predict: skipping unreadable image {e}", file=sys.stderr, flush=True)
+                    print(f"predict: skipping unreadable image {image}", file=sys.stderr, flush=True)
                     continue
-                pil = to_pil_image(image)  # to draw on
                 (out,) = model([image.to(device)])
                 keep = out["scores"] >= score_threshold
-                out = {k: v[keep] for k, v in out.items()}
-                kps = out.get("keypoints")
-                lines = skeleton
-                if lines is None and kps is not None and kps.shape[1] == len(COCO_PERSON_KEYPOINT_NAMES):
-                    lines = COCO_PERSON_SKELETON
-                drawing = draw_instances(
-                    pil,
-                    boxes=out["boxes"],
-                    labels=out["labels"],
-                    scores=out["scores"],
-                    masks=out.get("masks"),
-                    class_names=class_names,
-                    keypoints=kps,
-                    keypoint_scores=out.get("keypoints_scores") if kps is not None else None,
-                    skeleton=lines,
-                    keypoint_threshold=keypoint_threshold,
+                out = {k: v[keep].cpu() for k, v in out.items()}
+                writes.append(
+                    (
+                        path,
+                        writer.submit(
+                            write, out, image=image, index=index, path=path, drawing=drawing_of[path]
+                        ),
+                    )
                 )
-                os.makedirs(os.path.dirname(drawing_of[path]), exist_ok=True)
-                with atomic_write(drawing_of[path], "wb") as fh:
-                    drawing.save(fh, format="PNG")
-                read.append(path)
-                found = detections_to_coco([out], [index], label_to_category_id=to_category)
-                for entry, label in zip(found, out["labels"].tolist()):
-                    entry["file_name"] = path
-                    if class_names is not None:
-                        entry["category_name"] = (
-                            class_names[label] if label < len(class_names) else str(label)
-                        )
-                entries.extend(found)
+                while len(writes) > writers:
+                    finish_oldest_write()
+            while writes:
+                finish_oldest_write()
     finally:
+        for pool in (reader, writer):  # an interruption: drop what has not started, finish what has
+            pool.shutdown(wait=True, cancel_futures=True)
         model.train(was_training)
     done = set(read)
     unreadable = [p for p in dict.fromkeys(paths) if p not in done]
