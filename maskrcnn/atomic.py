@@ -1,15 +1,17 @@
 """Atomic file writes: a reader (or a crash, or an interruption) sees the old file or the complete new one.
 
 Every file the project writes next to a user's work (checkpoints, configs, metrics, plots, predictions)
-goes through :func:`atomic_write`: the data goes to ``{path}.tmp.{pid}``, is flushed to disk, then renamed
-over ``path`` (``os.replace`` is atomic on POSIX and Windows). On any exit path that does not reach the
-rename (an exception, KeyboardInterrupt, SystemExit) the temporary file is removed.
+goes through :func:`atomic_write`: the data goes to ``{path}.tmp.{pid}.{thread}`` (a name of its own for
+each process and thread: two threads may write one path, the last rename wins), is flushed to disk, then
+renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows). On any exit path that does not reach
+the rename (an exception, KeyboardInterrupt, SystemExit) the temporary file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import IO
 
@@ -22,7 +24,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_native_id()}"
     try:
         with open(tmp, mode) as fh:
             yield fh

@@ -161,8 +161,8 @@ class Checkpointer:
                 extra=dict(extra or {}),
             )
         except BaseException:
-            # save_checkpoint writes "{path}.tmp.{pid}" then renames it; never leave a partial file
-            for tmp in glob.glob(glob.escape(path) + f".tmp.{os.getpid()}"):
+            # save_checkpoint writes "{path}.tmp.{pid}.{thread}" then renames it; never leave a partial file
+            for tmp in glob.glob(glob.escape(path) + f".tmp.{os.getpid()}.*"):
                 os.remove(tmp)
             raise
         with atomic_write(os.path.join(self.output_dir, LAST_CHECKPOINT)) as fh:
