@@ -17,7 +17,7 @@ from maskrcnn.ops.roi_align import (
     roi_pool,
     roi_warp,
 )
-from tests.reference.roi_ref import roi_align_ref, roi_pool_ref
+from tests.reference.roi_ref import roi_align_ref, roi_pool_grad_ref, roi_pool_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -116,6 +116,27 @@ def test_roi_pool_matches_naive_reference():
     out = roi_pool(x, rois, (4, 3), 0.25)
     ref = roi_pool_ref(x.numpy(), rois.numpy(), (4, 3), 0.25)
     torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=0)
+
+
+def test_roi_pool_on_a_coarse_map_with_shared_bins_and_ties_matches_the_naive_gradient(monkeypatch):
+    """Many RoIs on a 5 x 6 map (bins of different RoIs cover the same cells, reduced once and their
+    gradients summed), small integer features (ties everywhere): output and gradient exactly the naive
+    ones, on a chunk size that splits every group."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 3, (2, 3, 5, 6), generator=g).double().requires_grad_()
+    rois = random_rois(40, 2, 5, 6, 1.0 / 32, g)
+    rois = torch.cat([rois, torch.tensor([[1, -90.0, -90.0, -40.0, -40.0]])])  # a RoI off the map: all empty
+    grad_out = torch.randint(-4, 5, (41, 3, 4, 3), generator=g).double()
+    mod = importlib.import_module("maskrcnn.ops.roi_align")
+    for chunk in (mod._POOL_GATHER_VALUES, 7):
+        monkeypatch.setattr(mod, "_POOL_GATHER_VALUES", chunk)
+        out = roi_pool(x, rois, (4, 3), 1.0 / 32)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+        ref = roi_pool_ref(x.detach().numpy(), rois.numpy(), (4, 3), 1.0 / 32)
+        torch.testing.assert_close(out.detach(), torch.from_numpy(ref), rtol=0, atol=0)
+        expected = roi_pool_grad_ref(x.detach().numpy(), rois.numpy(), (4, 3), 1.0 / 32, grad_out.numpy())
+        torch.testing.assert_close(grad, torch.from_numpy(expected), rtol=0, atol=0)
+    assert (out[-1] == 0).all()
 
 
 def test_roi_pool_ties_go_to_the_first_cell_and_empty_bins_are_zero():

@@ -510,49 +510,65 @@ def _round_half_away(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _max_over_slots(feats: Tensor, index: Tensor, inside: Tensor, num_cells: int) -> tuple[Tensor, Tensor]:
-    """Per bin (row of ``index``/``inside`` ``[B, S]``) and channel: the maximum over the bin's cells and
-    the first cell (in slot order) holding it; ``num_cells`` (no cell) and 0 for a bin with no cell.
+#: RoIPool gathers at most this many feature values at once (a bin's cells for a chunk of bins).
+_POOL_GATHER_VALUES = 1 << 22
 
-    Runs over the ``S`` slots with ``[B, C]`` buffers only: a running ``maximum`` and the slot of the first
-    strict maximum. Slots outside a bin read the bin's first cell, which changes neither."""
+
+def _max_over_slots(
+    feats: Tensor, index: Tensor, inside: Tensor, num_cells: int, best: Tensor, arg: Tensor
+) -> None:
+    """Per bin (row of ``index``/``inside`` ``[B, S]``) and channel: fills ``best [B, C]`` with the maximum
+    over the bin's cells and ``arg [B, C]`` (int64) with the first cell (in slot order) holding it;
+    0 and ``num_cells`` (no cell) for a bin with no cell.
+
+    Gathers the cells of a chunk of bins (``[b, S, C]``, at most :data:`_POOL_GATHER_VALUES` values) and
+    reduces them with ``max``, which returns the first slot of a tie. Slots outside a bin read the bin's
+    first cell, which changes neither."""
     b, s = index.shape
     idx = torch.where(inside, index, index[:, :1])
-    best = feats.index_select(0, idx[:, 0])
-    slot = torch.zeros(best.shape, dtype=torch.int16 if s <= 32767 else torch.int64, device=feats.device)
-    for j in range(1, s):
-        value = feats.index_select(0, idx[:, j])
-        slot.masked_fill_(value > best, j)
-        torch.maximum(best, value, out=best)
+    rows = max(1, _POOL_GATHER_VALUES // (s * feats.shape[1]))
+    slot = torch.empty(min(rows, b), feats.shape[1], dtype=torch.int64, device=feats.device)
+    for start in range(0, b, rows):
+        stop = min(start + rows, b)
+        part = idx[start:stop]
+        cells = feats.index_select(0, part.reshape(-1)).view(stop - start, s, -1)
+        torch.max(cells, dim=1, out=(best[start:stop], slot[: stop - start]))
+        torch.gather(part, 1, slot[: stop - start], out=arg[start:stop])
     empty = ~inside.any(dim=1, keepdim=True)
-    arg = torch.gather(idx, 1, slot.long()).masked_fill_(empty, num_cells)
-    return best.masked_fill_(empty, 0.0), arg
+    best.masked_fill_(empty, 0.0)
+    arg.masked_fill_(empty, num_cells)
 
 
 class _RoIPoolFunction(torch.autograd.Function):
     """Max over integer cell ranges; backward routes each gradient to its argmax cell (torchvision's tie
-    rule: the first cell in row-major order of the bin). ``groups``: ``(bins, index, inside)`` per group of
-    bins padded to the group's own largest bin (``bins`` their rows in the output)."""
+    rule: the first cell in row-major order of the bin).
+
+    ``groups``: ``(index, inside)`` per group of distinct cell rectangles, each padded to the group's own
+    largest (``[G, S]``: the cells of each rectangle, slot ``y * sx + x``); their results are laid out one
+    group after the other. ``row [B]``: for each output bin, the row of its rectangle in that layout (bins
+    of different RoIs that cover the same cells share one rectangle)."""
 
     @staticmethod
-    def forward(ctx, feats: Tensor, groups: list, num_bins: int, num_cells: int):
-        # feats [N*H*W, C]; per group: bins [G], index/inside [G, S] (cells of each bin, S = padded area)
-        if len(groups) == 1:  # all bins, in order
-            out, arg = _max_over_slots(feats, groups[0][1], groups[0][2], num_cells)
-        else:
-            out = feats.new_empty(num_bins, feats.shape[1])
-            arg = torch.empty(out.shape, dtype=torch.int64, device=feats.device)
-            for bins, index, inside in groups:
-                out[bins], arg[bins] = _max_over_slots(feats, index, inside, num_cells)
-        ctx.save_for_backward(arg)
+    def forward(ctx, feats: Tensor, groups: list, row: Tensor, num_cells: int):
+        # feats [N*H*W, C]
+        num_rects = sum(index.shape[0] for index, _ in groups)
+        best = feats.new_empty(num_rects, feats.shape[1])
+        arg = torch.empty(best.shape, dtype=torch.int64, device=feats.device)
+        start = 0
+        for index, inside in groups:
+            stop = start + index.shape[0]
+            _max_over_slots(feats, index, inside, num_cells, best[start:stop], arg[start:stop])
+            start = stop
+        ctx.save_for_backward(arg, row)
         ctx.num_cells = num_cells
-        return out
+        return best.index_select(0, row)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (arg,) = ctx.saved_tensors
+        arg, row = ctx.saved_tensors
+        per_rect = grad_out.new_zeros(arg.shape).index_add_(0, row, grad_out)  # bins sharing a rectangle
         grad = grad_out.new_zeros(ctx.num_cells + 1, grad_out.shape[1])  # + a row for the empty bins
-        grad.scatter_add_(0, arg, grad_out)  # grad[arg[b, c], c] += grad_out[b, c]
+        grad.scatter_add_(0, arg, per_rect)  # grad[arg[r, c], c] += per_rect[r, c]
         return grad[:-1], None, None, None
 
 
@@ -567,6 +583,9 @@ def roi_pool(
     The RoI corners are rounded to cells (``round(x * spatial_scale)``, halves away from zero) and the
     end cell is inclusive; bin ``p`` covers cells ``[floor(p * s), ceil((p + 1) * s))`` with ``s = roi
     cells / output size``, clipped to the map. Empty bins are 0. Returns ``[K, C, oh, ow]``.
+
+    Each distinct cell rectangle is reduced once (on a coarse map many bins of different RoIs cover the
+    same cells), and its gradient is the sum of those bins' before it reaches the argmax cell.
     """
     oh, ow = _pair(output_size)
     x, rois, out_dtype = _prepare(input, boxes)
@@ -592,24 +611,38 @@ def roi_pool(
 
         ylo, yhi = ranges(y1, rh, oh, h)
         xlo, xhi = ranges(x1, rw, ow, w)
-        # RoIs grouped by their largest bin (powers of two of its area), each group padded to its own: one
-        # large RoI must not pad every bin of the small ones
-        span_y, span_x = (yhi - ylo).amax(1).clamp(min=1), (xhi - xlo).amax(1).clamp(min=1)
+        # every bin's rectangle (image, ylo, yhi, xlo, xhi) as one integer; the distinct ones, in key order
+        image = rois[:, 0].long().view(-1, 1, 1)
+        y_key = (image * (h + 1) + ylo[:, :, None]) * (h + 1) + yhi[:, :, None]  # [K, oh, 1]
+        key = (y_key * (w + 1) + xlo[:, None, :]) * (w + 1) + xhi[:, None, :]  # [K, oh, ow]
+        keys, rect_of_bin = torch.unique(key.reshape(-1), return_inverse=True)
+        keys, r_xhi = keys.div(w + 1, rounding_mode="floor"), keys % (w + 1)
+        keys, r_xlo = keys.div(w + 1, rounding_mode="floor"), keys % (w + 1)
+        keys, r_yhi = keys.div(h + 1, rounding_mode="floor"), keys % (h + 1)
+        r_image, r_ylo = keys.div(h + 1, rounding_mode="floor"), keys % (h + 1)
+        # rectangles grouped by their area (powers of two), each group padded to its own largest: one large
+        # rectangle must not pad every small one
+        span_y, span_x = (r_yhi - r_ylo).clamp(min=1), (r_xhi - r_xlo).clamp(min=1)
         group_of = torch.log2((span_y * span_x).float()).ceil().long()  # exact at powers of two
-        groups = []
+        groups, members = [], []
         for g in torch.unique(group_of).tolist():
             r = torch.nonzero(group_of == g).flatten()
             sy, sx = int(span_y[r].max().item()), int(span_x[r].max().item())
-            ys = ylo[r, :, None] + torch.arange(sy, device=x.device)  # [R, oh, sy]
-            xs = xlo[r, :, None] + torch.arange(sx, device=x.device)  # [R, ow, sx]
-            inside = (ys < yhi[r, :, None])[:, :, None, :, None] & (xs < xhi[r, :, None])[:, None, :, None, :]
-            base = rois[r, 0].long().view(-1, 1, 1, 1, 1) * (h * w)
+            ys = r_ylo[r, None] + torch.arange(sy, device=x.device)  # [R, sy]
+            xs = r_xlo[r, None] + torch.arange(sx, device=x.device)  # [R, sx]
+            inside = (ys < r_yhi[r, None])[:, :, None] & (xs < r_xhi[r, None])[:, None, :]
             index = (
-                base + ys.clamp(max=h - 1)[:, :, None, :, None] * w + xs.clamp(max=w - 1)[:, None, :, None, :]
+                r_image[r, None, None] * (h * w)
+                + ys.clamp(max=h - 1)[:, :, None] * w
+                + xs.clamp(max=w - 1)[:, None, :]
             )
-            bins = (r[:, None] * (oh * ow) + torch.arange(oh * ow, device=x.device)).reshape(-1)
-            groups.append((bins, index.reshape(-1, sy * sx), inside.reshape(-1, sy * sx)))
-    out = _RoIPoolFunction.apply(feats, groups, k * oh * ow, n * h * w)
+            groups.append((index.reshape(-1, sy * sx), inside.reshape(-1, sy * sx)))
+            members.append(r)
+        members = torch.cat(members)  # the rectangles in the groups' layout
+        position = torch.empty_like(members)
+        position[members] = torch.arange(members.numel(), device=x.device)
+        row = position[rect_of_bin]  # [K * oh * ow]
+    out = _RoIPoolFunction.apply(feats, groups, row, n * h * w)
     return out.view(k, oh, ow, c).permute(0, 3, 1, 2).to(out_dtype)
 
 
