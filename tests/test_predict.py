@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from maskrcnn.data.images import read_image
 from maskrcnn.engine import predict as predict_module
+from maskrcnn.engine.evaluate import detections_to_coco
 from maskrcnn.engine.predict import (
     NoReadableImagesError,
     OutputConflictError,
@@ -230,6 +232,19 @@ def test_predict_with_several_writers_writes_what_one_writes(tmp_path, capsys, m
     assert runs[1] == runs[3] and runs[1][0], "same entries, drawings, json and messages"
     with pytest.raises(ValueError, match="writers"):
         predict(mask_model, paths, output_dir=str(tmp_path / "o0"), progress=False, writers=0)
+
+
+def test_predict_entries_are_the_models_masks_at_one_half(tmp_path, mask_model):
+    (path,) = write_images(tmp_path / "in", sizes=[(44, 52)])
+    entries = predict(
+        mask_model, [path], output_dir=str(tmp_path / "out"), score_threshold=0.0, progress=False
+    )
+    mask_model.eval()
+    with torch.no_grad():
+        (out,) = mask_model([read_image(path)])
+    expected = detections_to_coco([out], [0], label_to_category_id=int)
+    assert [e["segmentation"] for e in entries] == [e["segmentation"] for e in expected] and expected
+    assert [e["bbox"] for e in entries] == [e["bbox"] for e in expected]
 
 
 def test_predict_stops_on_a_write_error_and_on_an_interruption_keeping_whole_drawings(

@@ -156,6 +156,9 @@ def check_output_dir(paths: Sequence[str], output_dir: str, *, overwrite: bool =
 #: Images decoded ahead of the model, at most.
 _READ_AHEAD = 2
 
+#: Mask probabilities at or above this are drawn and encoded (COCO's and torchvision's 0.5).
+MASK_THRESHOLD = 0.5
+
 
 def default_writers(device: torch.device) -> int:
     """Threads that draw and write predictions: 1 beside a model on the CPU (which has the cores busy); on
@@ -305,6 +308,8 @@ def predict(
                     continue
                 (out,) = model([image.to(device)])
                 keep = out["scores"] >= score_threshold
+                if "masks" in out:  # bool before the copy: a quarter of the bytes to move and hold
+                    out["masks"] = out["masks"] >= MASK_THRESHOLD
                 out = {k: v[keep].cpu() for k, v in out.items()}
                 writes.append(
                     (
