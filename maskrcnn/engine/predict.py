@@ -278,8 +278,8 @@ def predict(
     read: list[str] = []
     skipped = 0
     # Three stages overlap: a thread decodes the next images, the model runs here, ``writers`` threads draw,
-    # encode and write the previous ones (PIL and numpy release the GIL for most of that work). A few images
-    # wait at each side, so memory stays bounded; entries keep the inputs' order.
+    # encode and write the previous ones (PIL, numpy and zlib run part of that work outside the GIL). A few
+    # images wait at each side, so memory stays bounded; entries keep the inputs' order.
     writers = default_writers(device) if writers is None else int(writers)
     if writers < 1:
         raise ValueError(f"writers must be >= 1, got {writers}")

@@ -526,7 +526,7 @@ def _max_over_slots(
     first cell, which changes neither."""
     b, s = index.shape
     idx = torch.where(inside, index, index[:, :1])
-    rows = max(1, _POOL_GATHER_VALUES // (s * feats.shape[1]))
+    rows = max(1, _POOL_GATHER_VALUES // max(1, s * feats.shape[1]))
     slot = torch.empty(min(rows, b), feats.shape[1], dtype=torch.int64, device=feats.device)
     for start in range(0, b, rows):
         stop = min(start + rows, b)
