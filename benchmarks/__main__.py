@@ -4,6 +4,7 @@ Runs, each in its own process with tvref's Python (torchvision's genuine kernels
 /tmp/tvref-venv/bin/python, made by ``sh ../shared/tools/tvref/setup.sh``):
 
 - ``benchmarks/ops.py``: RoIAlign forward+backward and NMS (median and min-max of --runs);
+- ``benchmarks/roi_pool.py``: RoIPool forward and forward+backward on the ablation's maps;
 - ``benchmarks/inference.py --bf16``: R-50-FPN at 800 px on coco-mini, per stage, with a bf16 column where
   the CPU has native bfloat16;
 - ``benchmarks/train.py``: a training iteration, side by side (and ``--device cuda`` with and without AMP
@@ -63,6 +64,7 @@ def _gpu() -> str | None:
 def _runs(quick: bool, gpu: bool) -> list[list[str]]:
     runs = [
         ["benchmarks/ops.py", "--runs", "3" if quick else "5"],
+        ["benchmarks/roi_pool.py", "--runs", "3" if quick else "5"],
         ["benchmarks/inference.py", "--bf16", "--images", "2" if quick else "8"],
         ["benchmarks/train.py", "--iters", "5" if quick else "10"],
     ]
