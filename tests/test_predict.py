@@ -234,6 +234,13 @@ def test_predict_with_several_writers_writes_what_one_writes(tmp_path, capsys, m
         predict(mask_model, paths, output_dir=str(tmp_path / "o0"), progress=False, writers=0)
 
 
+def test_default_writers_one_beside_a_cpu_model_up_to_four_beside_an_accelerator(monkeypatch):
+    assert predict_module.default_writers(torch.device("cpu")) == 1
+    for cores, expected in ((1, 1), (2, 1), (4, 3), (16, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert predict_module.default_writers(torch.device("cuda", 0)) == expected
+
+
 def test_predict_entries_are_the_models_masks_at_one_half(tmp_path, mask_model):
     (path,) = write_images(tmp_path / "in", sizes=[(44, 52)])
     entries = predict(
