@@ -71,29 +71,36 @@ def roi_align_ref(input, rois, output_size, spatial_scale, sampling_ratio, align
     return out
 
 
-def roi_pool_ref(input, rois, output_size, spatial_scale):
-    """Fast R-CNN RoIPool: rounded RoI (end inclusive), integer bins, max; empty bins are 0."""
-    input = np.asarray(input, dtype=np.float64)
-    rois = np.asarray(rois, dtype=np.float64)
+def _pool_bins(rois, output_size, height, width):
+    """Fast R-CNN's bins, one at a time: ``(r, image, ph, pw, hs, he, ws, we)`` for RoI ``r``'s bin
+    ``(ph, pw)``, the cells ``[hs, he) x [ws, we)`` (rounded RoI, end inclusive, clipped to the map)."""
     oh, ow = output_size
-    _, c, h, w = input.shape
-    out = np.zeros((rois.shape[0], c, oh, ow))
 
     def c_round(v):
         return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
 
     for r in range(rois.shape[0]):
-        feat = input[int(rois[r, 0])]
-        x1, y1, x2, y2 = (c_round(v * spatial_scale) for v in rois[r, 1:])
+        x1, y1, x2, y2 = (c_round(v) for v in rois[r, 1:])
         rh, rw = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
         for ph in range(oh):
             for pw in range(ow):
-                hs = min(max(math.floor(ph * rh / oh) + y1, 0), h)
-                he = min(max(math.ceil((ph + 1) * rh / oh) + y1, 0), h)
-                ws = min(max(math.floor(pw * rw / ow) + x1, 0), w)
-                we = min(max(math.ceil((pw + 1) * rw / ow) + x1, 0), w)
-                if he > hs and we > ws:
-                    out[r, :, ph, pw] = feat[:, hs:he, ws:we].reshape(c, -1).max(axis=1)
+                hs = min(max(math.floor(ph * rh / oh) + y1, 0), height)
+                he = min(max(math.ceil((ph + 1) * rh / oh) + y1, 0), height)
+                ws = min(max(math.floor(pw * rw / ow) + x1, 0), width)
+                we = min(max(math.ceil((pw + 1) * rw / ow) + x1, 0), width)
+                yield r, int(rois[r, 0]), ph, pw, hs, he, ws, we
+
+
+def roi_pool_ref(input, rois, output_size, spatial_scale):
+    """Fast R-CNN RoIPool: rounded RoI (end inclusive), integer bins, max; empty bins are 0."""
+    input = np.asarray(input, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)
+    _, c, h, w = input.shape
+    out = np.zeros((rois.shape[0], c, *output_size))
+    scaled = np.concatenate([rois[:, :1], rois[:, 1:] * spatial_scale], axis=1)
+    for r, n, ph, pw, hs, he, ws, we in _pool_bins(scaled, output_size, h, w):
+        if he > hs and we > ws:
+            out[r, :, ph, pw] = input[n, :, hs:he, ws:we].reshape(c, -1).max(axis=1)
     return out
 
 
@@ -102,29 +109,16 @@ def roi_pool_grad_ref(input, rois, output_size, spatial_scale, grad_out):
     gradient goes to the first cell (row-major) of the bin holding its maximum; empty bins give none."""
     input = np.asarray(input, dtype=np.float64)
     rois = np.asarray(rois, dtype=np.float64)
-    oh, ow = output_size
     _, c, h, w = input.shape
     grad = np.zeros_like(input)
-
-    def c_round(v):
-        return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
-
-    for r in range(rois.shape[0]):
-        n = int(rois[r, 0])
-        x1, y1, x2, y2 = (c_round(v * spatial_scale) for v in rois[r, 1:])
-        rh, rw = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
-        for ph in range(oh):
-            for pw in range(ow):
-                hs = min(max(math.floor(ph * rh / oh) + y1, 0), h)
-                he = min(max(math.ceil((ph + 1) * rh / oh) + y1, 0), h)
-                ws = min(max(math.floor(pw * rw / ow) + x1, 0), w)
-                we = min(max(math.ceil((pw + 1) * rw / ow) + x1, 0), w)
-                for ch in range(c):
-                    best = None
-                    for y in range(hs, he):
-                        for x in range(ws, we):
-                            if best is None or input[n, ch, y, x] > input[n, ch, best[0], best[1]]:
-                                best = (y, x)
-                    if best is not None:
-                        grad[n, ch, best[0], best[1]] += grad_out[r, ch, ph, pw]
+    scaled = np.concatenate([rois[:, :1], rois[:, 1:] * spatial_scale], axis=1)
+    for r, n, ph, pw, hs, he, ws, we in _pool_bins(scaled, output_size, h, w):
+        for ch in range(c):
+            best = None
+            for y in range(hs, he):
+                for x in range(ws, we):
+                    if best is None or input[n, ch, y, x] > input[n, ch, best[0], best[1]]:
+                        best = (y, x)
+            if best is not None:
+                grad[n, ch, best[0], best[1]] += grad_out[r, ch, ph, pw]
     return grad
