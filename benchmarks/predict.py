@@ -45,16 +45,12 @@ def measure(
     """Markdown lines and ``{row: [seconds per image, one per run]}`` (see the module docstring)."""
     import torch
 
+    from benchmarks.inference import paired_models
     from maskrcnn.data.images import read_image
     from maskrcnn.engine import predict as predict_module
-    from maskrcnn.modeling.build import build_model
-    from tests.tv_parity import parity_weights
 
     dev = torch.device(device)
-    model = build_model("tv-R-50-FPN")
-    model.load_state_dict(parity_weights())
-    model.transform.min_size, model.transform.max_size = (size,), round(size * 1333 / 800)
-    model.eval().to(dev)
+    model = paired_models(None, size=size, device=dev)["maskrcnn"]  # benchmarks/inference.py's model
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n = len(paths)
 
