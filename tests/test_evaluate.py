@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine import evaluate as evaluate_module
 from maskrcnn.engine.evaluate import (
     STAT_NAMES,
     coco_evaluate,
@@ -472,6 +473,24 @@ def test_evaluate_end_to_end(tmp_path, data_stand_ins, capsys):
     faster = tiny_model(dataset.num_classes, mask=False)
     metrics = evaluate(faster, dataset, progress=False)
     assert set(metrics) == {"bbox"}
+
+
+def test_evaluate_encoding_in_a_thread_writes_the_same_results(tmp_path, data_stand_ins, monkeypatch):
+    # beside a GPU the masks' RLEs are encoded in a thread while the next batch runs: the same results
+    image_dir, ann_file = write_tiny_dataset(tmp_path)
+    dataset = data_stand_ins(image_dir=image_dir, annotation_file=ann_file)
+    model = tiny_model(dataset.num_classes)
+    runs = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(evaluate_module, "_overlap", lambda device, overlap=overlap: overlap)
+        out_dir = tmp_path / f"overlap-{overlap}"
+        metrics = evaluate(model, dataset, batch_size=2, output_dir=str(out_dir), progress=False)
+        runs[overlap] = (metrics, (out_dir / "coco_results.json").read_text())
+    assert runs[False] == runs[True] and json.loads(runs[True][1])
+    monkeypatch.undo()  # the real switch: a thread beside a GPU only
+    assert evaluate_module._overlap(torch.device("cuda")) and not evaluate_module._overlap(
+        torch.device("cpu")
+    )
 
 
 def _distributed_worker(rank, world_size, init_file, image_dir, ann_file, out_dir):

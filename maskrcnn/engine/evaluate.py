@@ -14,8 +14,10 @@ keypoint sets need their own (``data.keypoint_oks_sigmas``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -23,6 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,10 +35,12 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from maskrcnn.atomic import atomic_write
+from maskrcnn.ops import device as _device
 from maskrcnn.progress import iterate_with_progress
 
 __all__ = [
     "KEYPOINT_STAT_NAMES",
+    "MASK_THRESHOLD",
     "STAT_NAMES",
     "coco_evaluate",
     "detections_to_coco",
@@ -44,6 +49,9 @@ __all__ = [
     "resolve_oks_sigmas",
     "results_object",
 ]
+
+#: Mask probabilities at or above this are the object (torchvision's and detectron2's 0.5).
+MASK_THRESHOLD = 0.5
 
 #: Names of ``COCOeval.stats`` for boxes and masks, in its order.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -57,7 +65,7 @@ _IOU_TYPES = ("bbox", "segm", "keypoints")
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_masks(masks: Tensor, threshold: float = 0.5) -> list[dict]:
+def encode_masks(masks: Tensor, threshold: float = MASK_THRESHOLD) -> list[dict]:
     """Compressed RLEs (``counts`` as ``str``) of ``masks >= threshold`` (``[N, 1, H, W]`` or ``[N, H, W]``,
     probabilities or bool), encoded in one pycocotools call."""
     if masks.dim() == 4:
@@ -79,7 +87,7 @@ def detections_to_coco(
     image_ids: Sequence[int],
     *,
     label_to_category_id: Callable[[int], int] | Mapping[int, int],
-    mask_threshold: float = 0.5,
+    mask_threshold: float = MASK_THRESHOLD,
 ) -> list[dict]:
     """COCO results entries for per-image model outputs.
 
@@ -269,6 +277,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _overlap(device: torch.device) -> bool:
+    """Whether :func:`evaluate` encodes detections in a thread beside the model: where the device runs
+    ahead of the host (every device but the CPU, :func:`maskrcnn.ops.device.host_reads_stall`)."""
+    return _device.host_reads_stall(device)
+
+
 def evaluate(
     model: nn.Module,
     dataset,
@@ -314,6 +328,16 @@ def evaluate(
         total = None
 
     per_image: dict[int, list[dict]] = {}
+    encode = functools.partial(detections_to_coco, label_to_category_id=dataset.label_to_category_id)
+    # Beside a device that runs ahead of the host (a GPU), a thread encodes each image's detections (the
+    # masks' RLEs: pycocotools on the host) while the next batch runs; on a CPU, here, one after the other.
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") if _overlap(device) else None
+    pending: collections.deque = collections.deque()  # (image id, future), at most two waiting
+
+    def finish_oldest() -> None:
+        image_id, future = pending.popleft()
+        per_image[image_id] = future.result()
+
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -333,10 +357,20 @@ def evaluate(
                             f"its COCO record says ({info['height']}, {info['width']}); evaluate on images "
                             "at their original size (no resizing transforms: the model resizes itself)"
                         )
-                    per_image[image_id] = detections_to_coco(
-                        [out], [image_id], label_to_category_id=dataset.label_to_category_id
-                    )
+                    if encoder is None:
+                        per_image[image_id] = encode([out], [image_id])
+                        continue
+                    if "masks" in out:  # thresholded on the device: bool, a quarter of the bytes to copy
+                        out = {**out, "masks": out["masks"] >= MASK_THRESHOLD}
+                    out = {k: v.cpu() for k, v in out.items()}
+                    pending.append((image_id, encoder.submit(encode, [out], [image_id])))
+                    while len(pending) > 2:
+                        finish_oldest()
+            while pending:
+                finish_oldest()
     finally:
+        if encoder is not None:
+            encoder.shutdown(wait=True, cancel_futures=True)
         model.train(was_training)
     seconds = time.perf_counter() - start
     local_images = len(per_image)

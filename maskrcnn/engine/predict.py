@@ -35,7 +35,7 @@ from torch import nn
 from maskrcnn.atomic import atomic_write
 from maskrcnn.data.images import ImageReadError, read_image
 from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
-from maskrcnn.engine.evaluate import _model_device, detections_to_coco
+from maskrcnn.engine.evaluate import MASK_THRESHOLD, _model_device, detections_to_coco
 from maskrcnn.progress import iterate_with_progress
 from maskrcnn.visualize import KEYPOINT_THRESHOLD, draw_instances, to_pil_image
 from maskrcnn.weights import recorded_labels
@@ -155,9 +155,6 @@ def check_output_dir(paths: Sequence[str], output_dir: str, *, overwrite: bool =
 
 #: Images decoded ahead of the model, at most.
 _READ_AHEAD = 2
-
-#: Mask probabilities at or above this are drawn and encoded (COCO's and torchvision's 0.5).
-MASK_THRESHOLD = 0.5
 
 
 def default_writers(device: torch.device) -> int:
