@@ -46,6 +46,7 @@ __all__ = [
     "detections_to_coco",
     "evaluate",
     "format_metrics_table",
+    "outputs_to_host",
     "resolve_oks_sigmas",
     "results_object",
 ]
@@ -277,6 +278,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def outputs_to_host(out: Mapping[str, Tensor], keep: Tensor | None = None) -> dict[str, Tensor]:
+    """One image's outputs copied to the host, the detections ``keep`` (bool ``[N]``) selects (all when None),
+    with ``masks`` thresholded at :data:`MASK_THRESHOLD` on their device first (bool: a quarter of the bytes
+    to copy and to hold). What :func:`detections_to_coco` and drawing make of them is unchanged."""
+    out = dict(out)
+    if "masks" in out:
+        out["masks"] = out["masks"] >= MASK_THRESHOLD
+    return {k: (v if keep is None else v[keep]).cpu() for k, v in out.items()}
+
+
 def _overlap(device: torch.device) -> bool:
     """Whether :func:`evaluate` encodes detections in a thread beside the model: where the device runs
     ahead of the host (every device but the CPU, :func:`maskrcnn.ops.device.host_reads_stall`)."""
@@ -360,10 +371,7 @@ def evaluate(
                     if encoder is None:
                         per_image[image_id] = encode([out], [image_id])
                         continue
-                    if "masks" in out:  # thresholded on the device: bool, a quarter of the bytes to copy
-                        out = {**out, "masks": out["masks"] >= MASK_THRESHOLD}
-                    out = {k: v.cpu() for k, v in out.items()}
-                    pending.append((image_id, encoder.submit(encode, [out], [image_id])))
+                    pending.append((image_id, encoder.submit(encode, [outputs_to_host(out)], [image_id])))
                     while len(pending) > 2:
                         finish_oldest()
             while pending:

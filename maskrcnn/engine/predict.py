@@ -35,7 +35,8 @@ from torch import nn
 from maskrcnn.atomic import atomic_write
 from maskrcnn.data.images import ImageReadError, read_image
 from maskrcnn.data.keypoints import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
-from maskrcnn.engine.evaluate import MASK_THRESHOLD, _model_device, detections_to_coco
+from maskrcnn.engine.evaluate import _model_device, detections_to_coco, outputs_to_host
+from maskrcnn.ops import device as _device
 from maskrcnn.progress import iterate_with_progress
 from maskrcnn.visualize import KEYPOINT_THRESHOLD, draw_instances, to_pil_image
 from maskrcnn.weights import recorded_labels
@@ -158,9 +159,10 @@ _READ_AHEAD = 2
 
 
 def default_writers(device: torch.device) -> int:
-    """Threads that draw and write predictions: 1 beside a model on the CPU (which has the cores busy); on
-    an accelerator, up to 4, leaving the host a core."""
-    if device.type == "cpu":
+    """Threads that draw and write predictions: 1 beside a model on the CPU (which has the cores busy); beside
+    a device that runs ahead of the host (:func:`maskrcnn.ops.device.host_reads_stall`: a GPU), up to 4,
+    leaving the host a core."""
+    if not _device.host_reads_stall(device):
         return 1
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
@@ -304,10 +306,7 @@ def predict(
                     print(f"predict: skipping unreadable image {image}", file=sys.stderr, flush=True)
                     continue
                 (out,) = model([image.to(device)])
-                keep = out["scores"] >= score_threshold
-                if "masks" in out:  # bool before the copy: a quarter of the bytes to move and hold
-                    out["masks"] = out["masks"] >= MASK_THRESHOLD
-                out = {k: v[keep].cpu() for k, v in out.items()}
+                out = outputs_to_host(out, keep=out["scores"] >= score_threshold)
                 writes.append(
                     (
                         path,
